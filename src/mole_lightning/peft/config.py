@@ -1,0 +1,106 @@
+"""`MoLEConfig`: every knob of the sparse Mixture of LoRA Experts adapter, validated on construction.
+
+Defaults are structural (which modules, which formulas), not tuned values: ranks, coefficients and expert counts
+for real runs live in `configs/`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+GateMode = Literal["prob", "straight_through", "none", "soft"]
+BalanceMode = Literal["switch", "pooled"]
+ComputeImpl = Literal["auto", "dense_masked", "grouped", "loop"]
+
+GATE_MODES: tuple[str, ...] = ("prob", "straight_through", "none", "soft")
+BALANCE_MODES: tuple[str, ...] = ("switch", "pooled")
+COMPUTE_IMPLS: tuple[str, ...] = ("auto", "dense_masked", "grouped", "loop")
+
+
+@dataclass
+class MoLEConfig:
+    """Configuration of LoRA on attention and a Mixture of LoRA Experts on every MLP.
+
+    Attributes:
+        num_experts: K, LoRA experts per MLP projection. ``1`` is plain LoRA on the MLP (no router).
+        rank: r, LoRA rank of attention adapters and of every expert.
+        alpha: LoRA alpha; adapters are scaled by ``alpha / rank``.
+        dropout: dropout on the adapter input (the base path never sees it).
+        attn_targets: names of attention projections that get plain LoRA (matched on the last name component).
+        mlp_targets: names of MLP projections that get K experts (matched on the last name component inside a
+            module that holds at least one of them).
+        gate: how the top-1 router's probability enters the output. ``"prob"``: expert delta scaled by its top-1
+            probability (Switch Transformer). ``"straight_through"``: unscaled forward, gradient through the
+            probability. ``"none"``: unscaled; the router learns only from the balance loss (the official code's
+            sparse path). ``"soft"``: dense mixture, every expert weighted by the softmax (the official released
+            config; for comparison, costs K times plain LoRA).
+        balance: ``"switch"``: K * sum_i f_i * P_i per layer, averaged over layers. ``"pooled"``: the official
+            variant, per sample over all layers' valid tokens pooled, sum_i f_i * P_i without the K factor,
+            averaged over samples.
+        balance_coef: weight of the balance loss in the total auxiliary loss.
+        z_loss_coef: weight of the router z-loss mean(logsumexp(logits)^2) (0 disables it).
+        impl: compute path of the routed experts; all give the same result. ``"loop"``: per-expert reference.
+            ``"dense_masked"``: all experts' A in one matmul, masked rank-r intermediate, one matmul with stacked B.
+            ``"grouped"``: sort tokens by expert and use ``torch.nn.functional.grouped_mm``. ``"auto"``: picks
+            by device, dtype and shapes.
+        router_bias: whether the router Linear(d, K) has a bias (the official code has one).
+    """
+
+    num_experts: int = 3
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    attn_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    mlp_targets: list[str] = field(default_factory=lambda: ["gate_proj", "up_proj", "down_proj"])
+    gate: GateMode = "prob"
+    balance: BalanceMode = "switch"
+    balance_coef: float = 0.0
+    z_loss_coef: float = 0.0
+    impl: ComputeImpl = "auto"
+    router_bias: bool = True
+
+    def __post_init__(self) -> None:
+        self.attn_targets = list(self.attn_targets)
+        self.mlp_targets = list(self.mlp_targets)
+        if not isinstance(self.num_experts, int) or self.num_experts < 1:
+            raise ValueError(f"MoLEConfig.num_experts must be an integer >= 1, got {self.num_experts!r}")
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"MoLEConfig.rank must be an integer >= 1, got {self.rank!r}")
+        if not self.alpha > 0:
+            raise ValueError(f"MoLEConfig.alpha must be > 0, got {self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"MoLEConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.gate not in GATE_MODES:
+            raise ValueError(f"MoLEConfig.gate must be one of {GATE_MODES}, got {self.gate!r}")
+        if self.balance not in BALANCE_MODES:
+            raise ValueError(f"MoLEConfig.balance must be one of {BALANCE_MODES}, got {self.balance!r}")
+        if self.impl not in COMPUTE_IMPLS:
+            raise ValueError(f"MoLEConfig.impl must be one of {COMPUTE_IMPLS}, got {self.impl!r}")
+        for name in ("balance_coef", "z_loss_coef"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"MoLEConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+        overlap = set(self.attn_targets) & set(self.mlp_targets)
+        if overlap:
+            raise ValueError(f"MoLEConfig: {sorted(overlap)} listed in both attn_targets and mlp_targets")
+        if not self.attn_targets and not self.mlp_targets:
+            raise ValueError("MoLEConfig: attn_targets and mlp_targets are both empty; nothing to adapt")
+
+    @property
+    def scaling(self) -> float:
+        """The LoRA scale ``alpha / rank``."""
+        return self.alpha / self.rank
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON dictionary; ``MoLEConfig(**cfg.to_dict())`` rebuilds the same config."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> MoLEConfig:
+        """Build from a dictionary, naming any unknown key in the error."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"MoLEConfig: unknown field(s) {unknown}; known fields are {sorted(known)}")
+        return cls(**values)

@@ -1,0 +1,251 @@
+"""Adapter layers: plain LoRA on a frozen Linear, and K stacked LoRA experts driven by a top-1 router.
+
+Both keep the frozen base ``weight`` (and ``bias``) under the same names as ``nn.Linear``, so base checkpoints load
+into an adapted model unchanged. Tokens are flattened: x (T, d_in) with T = B * S.
+
+Plain LoRA (``LoRALinear``)::
+
+    y = x W^T + b + (alpha / r) * dropout(x) A B          A: (d_in, r)   B: (r, d_out)
+
+Routed experts (``MoLELinear``), with ``coeff`` (T, K) from the router (see `routing`)::
+
+    y_t = x_t W^T + b + (alpha / r) * sum_e coeff[t, e] * (dropout(x_t) A_e) B_e
+        A: (K, d_in, r)   B: (K, r, d_out)
+
+The coefficient multiplies the rank-r intermediate, never the d_out output (cheaper, and it saves no extra
+activation). Init for both: A kaiming-uniform (a = sqrt(5), fan-in d_in, i.e. U(-1/sqrt(d_in), 1/sqrt(d_in))), B zeros,
+so an adapted model starts equal to its base.
+
+Compute paths for the routed experts (identical results):
+    ``loop``          per expert: index its tokens, two matmuls, ``index_add_`` back (reference).
+    ``dense_masked``  H = x [A_1 .. A_K] (T, K*r), masked by coeff, one matmul with stacked B (K*r, d_out). Static
+                      shapes, no sort, no host sync; costs K times the adapter FLOPs.
+    ``grouped``       tokens sorted by expert once per MLP, ``torch.nn.functional.grouped_mm`` for A and B, unsorted.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mole_lightning.peft.routing import MoLERouter, RoutingDecision
+
+
+def _init_lora_a_(a: torch.Tensor, fan_in: int) -> None:
+    """kaiming_uniform_(a=sqrt(5)) as nn.Linear does for a (r, d_in) weight: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in)
+    nn.init.uniform_(a, -bound, bound)
+
+
+class _FrozenLinearBase(nn.Module):
+    """Holds the frozen base weight/bias of an ``nn.Linear`` (shared, not copied) plus LoRA bookkeeping."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float) -> None:
+        super().__init__()
+        self.in_features = base.in_features
+        self.out_features = base.out_features
+        self.weight = base.weight
+        self.bias = base.bias
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.rank = rank
+        self.alpha = alpha
+        self.scaling = alpha / rank
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def _adapter_dtype(self) -> torch.dtype:
+        dtype = self.weight.dtype
+        return dtype if dtype.is_floating_point else torch.float32
+
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def adapter_parameter_names(self) -> tuple[str, ...]:
+        return ("lora_A", "lora_B")
+
+
+class LoRALinear(_FrozenLinearBase):
+    """Plain LoRA: y = x W^T + b + (alpha/r) * dropout(x) A B.
+
+    Shapes: x (..., d_in) -> y (..., d_out); lora_A (d_in, r); lora_B (r, d_out). Init: A kaiming-uniform, B zeros.
+    """
+
+    def __init__(self, base: nn.Linear, *, rank: int, alpha: float, dropout: float = 0.0) -> None:
+        super().__init__(base, rank, alpha, dropout)
+        kw = {"device": self.weight.device, "dtype": self._adapter_dtype()}
+        self.lora_A = nn.Parameter(torch.empty(self.in_features, rank, **kw))
+        self.lora_B = nn.Parameter(torch.empty(rank, self.out_features, **kw))
+        self.reset_adapter_parameters()
+
+    def reset_adapter_parameters(self) -> None:
+        _init_lora_a_(self.lora_A.data.T, self.in_features)
+        nn.init.zeros_(self.lora_B)
+
+    def reset_parameters(self) -> None:
+        """Re-initialise the adapter only (the base weight is loaded, never re-initialised here)."""
+        self.reset_adapter_parameters()
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, alpha={self.alpha}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        leading = x.shape[:-1]
+        x2d = x.reshape(-1, self.in_features)  # (T, d_in)
+        base = self.base_forward(x2d)  # (T, d_out)
+        h = self.lora_dropout(x2d).to(self.lora_A.dtype) @ self.lora_A  # (T, r)
+        h = h * self.scaling
+        out = torch.addmm(base, h.to(base.dtype), self.lora_B.to(base.dtype))  # (T, d_out)
+        return out.reshape(*leading, self.out_features)
+
+
+def experts_loop(
+    x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, decision: RoutingDecision, scaling: float
+) -> torch.Tensor:
+    """Reference: per expert, gather its tokens, (x A_e) * coeff * scaling, times B_e, scatter-add. (T, d_out)."""
+    num_tokens = x.shape[0]
+    out = x.new_zeros(num_tokens, lora_b.shape[-1])
+    coeff = decision.coeff.to(x.dtype) * scaling  # (T, K)
+    for e in range(lora_a.shape[0]):
+        if decision.dense:
+            idx = torch.arange(num_tokens, device=x.device)
+        else:
+            idx = torch.nonzero(decision.expert == e, as_tuple=True)[0]  # (T_e,)
+        h = x.index_select(0, idx) @ lora_a[e]  # (T_e, r)
+        h = h * coeff.index_select(0, idx)[:, e : e + 1]
+        out = out.index_add(0, idx, h @ lora_b[e])
+    return out
+
+
+def experts_dense_masked(
+    x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, decision: RoutingDecision, scaling: float
+) -> torch.Tensor:
+    """All experts' A in one matmul, rank-r intermediate masked by coeff, one matmul with stacked B. (T, d_out)."""
+    num_experts, d_in, rank = lora_a.shape
+    a_cat = lora_a.permute(1, 0, 2).reshape(d_in, num_experts * rank)  # (d_in, K*r)
+    h = (x @ a_cat).view(-1, num_experts, rank)  # (T, K, r)
+    h = h * (decision.coeff.to(x.dtype) * scaling).unsqueeze(-1)  # (T, K, r)
+    return h.reshape(-1, num_experts * rank) @ lora_b.reshape(num_experts * rank, -1)  # (T, d_out)
+
+
+def grouped_mm_supported(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor) -> bool:
+    """Whether ``grouped_mm`` can run these shapes: it needs 16-byte aligned rows in every operand."""
+    if not hasattr(F, "grouped_mm"):
+        return False
+    size = x.element_size()
+    return all((n * size) % 16 == 0 for n in (lora_a.shape[1], lora_a.shape[2], lora_b.shape[2]))
+
+
+def experts_grouped(
+    x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, decision: RoutingDecision, scaling: float
+) -> torch.Tensor:
+    """Tokens sorted by expert (once per MLP), two ``grouped_mm`` calls, unsorted. (T, d_out)."""
+    if decision.dense:
+        return experts_dense_masked(x, lora_a, lora_b, decision, scaling)
+    if not grouped_mm_supported(x, lora_a, lora_b):
+        raise ValueError(
+            "impl='grouped' needs torch.nn.functional.grouped_mm (torch >= 2.10) and rank, d_in and d_out whose "
+            f"rows are multiples of 16 bytes; got rank={lora_a.shape[2]}, d_in={lora_a.shape[1]}, "
+            f"d_out={lora_b.shape[2]} in {x.dtype}. Use impl='auto' or 'dense_masked'."
+        )
+    order, offsets, inverse = decision.sorted_by_expert()
+    x_sorted = x.index_select(0, order)  # (T, d_in), grouped by expert
+    h = F.grouped_mm(x_sorted, lora_a, offs=offsets)  # (T, r)
+    h = h * (decision.chosen_coeff().to(x.dtype) * scaling).index_select(0, order).unsqueeze(-1)
+    y = F.grouped_mm(h, lora_b, offs=offsets)  # (T, d_out)
+    return y.index_select(0, inverse)
+
+
+EXPERT_IMPLS = {"loop": experts_loop, "dense_masked": experts_dense_masked, "grouped": experts_grouped}
+
+
+def select_impl(impl: str, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, dense: bool) -> str:
+    """Resolve ``"auto"``: the dense masked path when the stacked rank K*r is small or the mixture is dense, the
+    grouped path on large K*r where ``grouped_mm`` is available for the shapes, else dense masked."""
+    if impl != "auto":
+        return impl
+    num_experts, _, rank = lora_a.shape
+    if dense or num_experts * rank <= AUTO_DENSE_MAX_STACKED_RANK or not grouped_mm_supported(x, lora_a, lora_b):
+        return "dense_masked"
+    if x.device.type == "cuda":
+        major, _ = torch.cuda.get_device_capability(x.device)
+        if major < 9 or x.dtype not in (torch.bfloat16,):
+            return "dense_masked"
+    return "grouped"
+
+
+AUTO_DENSE_MAX_STACKED_RANK = 128
+"""``impl="auto"`` uses the dense masked path while K * r is at most this (it is memory-bound and near plain-LoRA
+cost there on GPU); see docs/benchmarks.md for the measurements behind it."""
+
+
+class MoLELinear(_FrozenLinearBase):
+    """K LoRA experts stacked on a frozen Linear; the owning MLP's router picks one expert per token.
+
+    y_t = x_t W^T + b + (alpha/r) * sum_e coeff[t, e] * (dropout(x_t) A_e) B_e
+
+    Shapes: x (..., d_in) -> y (..., d_out); lora_A (K, d_in, r); lora_B (K, r, d_out). Every expert stays in the
+    autograd graph whatever the routing (an expert without tokens gets a zero gradient), so DDP/FSDP never see an
+    unused parameter. Init: each A_e kaiming-uniform, B zeros.
+    """
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        router: MoLERouter,
+        *,
+        num_experts: int,
+        rank: int,
+        alpha: float,
+        dropout: float = 0.0,
+        impl: str = "auto",
+    ) -> None:
+        super().__init__(base, rank, alpha, dropout)
+        self.num_experts = num_experts
+        self.impl = impl
+        self._router = (router,)  # a tuple so the router is not registered twice (it belongs to the MLP)
+        kw = {"device": self.weight.device, "dtype": self._adapter_dtype()}
+        self.lora_A = nn.Parameter(torch.empty(num_experts, self.in_features, rank, **kw))
+        self.lora_B = nn.Parameter(torch.empty(num_experts, rank, self.out_features, **kw))
+        self.reset_adapter_parameters()
+
+    @property
+    def router(self) -> MoLERouter:
+        return self._router[0]
+
+    def reset_adapter_parameters(self) -> None:
+        for e in range(self.num_experts):
+            _init_lora_a_(self.lora_A.data[e].T, self.in_features)
+        nn.init.zeros_(self.lora_B)
+
+    def reset_parameters(self) -> None:
+        """Re-initialise the experts only (the base weight is loaded, never re-initialised here)."""
+        self.reset_adapter_parameters()
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, num_experts={self.num_experts}, "
+            f"rank={self.rank}, alpha={self.alpha}, impl={self.impl!r}"
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        decision = self.router.decision
+        if decision is None:
+            raise RuntimeError(
+                "MoLELinear ran without a routing decision: call the MLP module that owns it (its forward pre-hook "
+                "routes the MLP input), not the projection alone"
+            )
+        leading = x.shape[:-1]
+        x2d = x.reshape(-1, self.in_features)  # (T, d_in)
+        if x2d.shape[0] != decision.expert.shape[0]:
+            raise RuntimeError(
+                f"MoLELinear got {x2d.shape[0]} tokens but its router decided for {decision.expert.shape[0]}"
+            )
+        base = self.base_forward(x2d)  # (T, d_out)
+        xa = self.lora_dropout(x2d).to(self.lora_A.dtype)
+        impl = select_impl(self.impl, xa, self.lora_A, self.lora_B, decision.dense)
+        delta = EXPERT_IMPLS[impl](xa, self.lora_A, self.lora_B, decision, self.scaling)  # (T, d_out)
+        return (base + delta.to(base.dtype)).reshape(*leading, self.out_features)
