@@ -1,0 +1,59 @@
+"""LLaVA-style multimodal model with a MoLE-adapted LLM: vision towers, projectors, the model, builders, loaders."""
+
+from mole_lightning.models.builders import (
+    PRESETS,
+    TINY_CLIP_VISION_CONFIG,
+    TINY_LLAMA_CONFIG,
+    TINY_OPEN_CLIP_CONFIG,
+    add_image_token,
+    build_language_model,
+    build_llava_mole,
+    build_preset,
+    build_vision_tower,
+    load_tokenizer,
+    resize_embeddings,
+    tiny_tokenizer,
+)
+from mole_lightning.models.llava_mole import LlavaMoLE, LlavaMoLEOutput
+from mole_lightning.models.loading import (
+    load_adapters,
+    load_llava_hf,
+    load_projector,
+    projector_state_dict_from,
+    read_state_dict,
+    save_adapters,
+    trainable_state_dict,
+)
+from mole_lightning.models.projector import PROJECTOR_NAMES, MLPProjector, build_projector, projector_name
+from mole_lightning.models.vision import HFVisionTower, OpenCLIPVisionTower, VisionTower
+
+__all__ = [
+    "PRESETS",
+    "PROJECTOR_NAMES",
+    "TINY_CLIP_VISION_CONFIG",
+    "TINY_LLAMA_CONFIG",
+    "TINY_OPEN_CLIP_CONFIG",
+    "HFVisionTower",
+    "LlavaMoLE",
+    "LlavaMoLEOutput",
+    "MLPProjector",
+    "OpenCLIPVisionTower",
+    "VisionTower",
+    "add_image_token",
+    "build_language_model",
+    "build_llava_mole",
+    "build_preset",
+    "build_projector",
+    "build_vision_tower",
+    "load_adapters",
+    "load_llava_hf",
+    "load_projector",
+    "load_tokenizer",
+    "projector_name",
+    "projector_state_dict_from",
+    "read_state_dict",
+    "resize_embeddings",
+    "save_adapters",
+    "tiny_tokenizer",
+    "trainable_state_dict",
+]

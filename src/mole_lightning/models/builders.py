@@ -1,0 +1,355 @@
+"""Keyword-only builders that assemble a :class:`LlavaMoLE` from names, paths or configs, and the presets.
+
+- :func:`build_language_model`: a transformers causal LM from a directory (``AutoModelForCausalLM``) or a config.
+- :func:`load_tokenizer` / :func:`add_image_token` / :func:`resize_embeddings`: tokenizer with ``<image>``; the LM
+  embeddings grow only when the tokenizer outgrows them.
+- :func:`build_vision_tower`: ``open_clip`` or transformers CLIP/SigLIP tower.
+- :func:`build_llava_mole`: the whole model (optionally a stage-1 ``mm_projector.bin`` and MoLE adapters).
+- :func:`build_preset`: ``"tiny"`` (random weights, CPU, seconds) and ``"llava-1.5-7b"`` (vicuna-7b-v1.5 +
+  CLIP ViT-L/14-336 + ``mlp2x_gelu``, MoLE K=3, r=32, alpha=64).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from mole_lightning.constants import DEFAULT_IMAGE_TOKEN
+from mole_lightning.models.llava_mole import LlavaMoLE
+from mole_lightning.models.projector import build_projector
+from mole_lightning.models.vision import HFVisionTower, OpenCLIPVisionTower, VisionTower
+
+VisionKind = Literal["hf", "open_clip"]
+
+TINY_LLAMA_CONFIG: dict[str, Any] = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=2048,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+)
+"""Tiny Llama (vocabulary size comes from the tokenizer)."""
+
+TINY_CLIP_VISION_CONFIG: dict[str, Any] = dict(
+    model_type="clip_vision_model",
+    image_size=32,
+    patch_size=8,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+)
+"""Tiny transformers CLIP vision tower: 32 px images, 16 patches."""
+
+TINY_OPEN_CLIP_CONFIG: dict[str, Any] = dict(
+    embed_dim=32,
+    vision_cfg=dict(image_size=32, patch_size=8, width=32, layers=3, head_width=8),
+    text_cfg=dict(context_length=16, vocab_size=64, width=32, heads=4, layers=1),
+)
+"""Tiny ``open_clip`` model config: 32 px images, 16 patches, width 32."""
+
+TINY_SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")
+
+
+def tiny_tokenizer(*, image_token: str = DEFAULT_IMAGE_TOKEN) -> Any:
+    """A byte-level tokenizer without merges (every UTF-8 byte is a token) plus ``<unk> <s> </s> <pad>``.
+
+    Encodes any text losslessly with a 260-token vocabulary (+ ``<image>``); for tiny random models and tests.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {tok: i for i, tok in enumerate(TINY_SPECIAL_TOKENS)}
+    vocab.update({ch: len(TINY_SPECIAL_TOKENS) + i for i, ch in enumerate(alphabet)})
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+    add_image_token(tokenizer, image_token)
+    return tokenizer
+
+
+def add_image_token(tokenizer: Any, image_token: str = DEFAULT_IMAGE_TOKEN) -> int:
+    """Add ``image_token`` as a special token (no-op when present) and return its id."""
+    from tokenizers import AddedToken
+
+    if image_token not in tokenizer.get_vocab():
+        tokenizer.add_tokens([AddedToken(image_token, special=True, normalized=False)], special_tokens=True)
+    return int(tokenizer.convert_tokens_to_ids(image_token))
+
+
+def load_tokenizer(
+    path: str,
+    *,
+    image_token: str = DEFAULT_IMAGE_TOKEN,
+    trust_remote_code: bool = False,
+) -> Any:
+    """Tokenizer from an LLM directory (or hub id) with ``image_token`` added; pad falls back to unk, then eos.
+
+    Args:
+        path: directory (or hub id) holding the tokenizer files.
+        image_token: image placeholder to add as a special token.
+        trust_remote_code: allow custom tokenizer code from the directory.
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    add_image_token(tokenizer, image_token)
+    if tokenizer.pad_token is None:  # LLaVA pads vicuna with unk
+        tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
+    return tokenizer
+
+
+def build_language_model(
+    *,
+    path: str | None = None,
+    config: Any = None,
+    dtype: torch.dtype | None = None,
+    attn_implementation: str | None = None,
+    trust_remote_code: bool = False,
+) -> nn.Module:
+    """A transformers causal LM (Llama family) from a directory or a config (random init).
+
+    Args:
+        path: directory (or hub id) for ``AutoModelForCausalLM.from_pretrained``.
+        config: a ``PretrainedConfig`` or a dict of ``LlamaConfig`` fields, used when ``path`` is ``None``.
+        dtype: weight dtype (``None``: the checkpoint's / float32).
+        attn_implementation: ``"sdpa"``, ``"eager"``, ``"flash_attention_2"``… (``None``: transformers' default).
+        trust_remote_code: allow custom modeling code from the directory.
+    """
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    kwargs: dict[str, Any] = {}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    if path is not None:
+        return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
+    if config is None:
+        raise ValueError("build_language_model needs `path` or `config`")
+    if isinstance(config, dict):
+        config = LlamaConfig(**config)
+    return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, **kwargs)
+
+
+def resize_embeddings(language_model: nn.Module, tokenizer: Any, *, pad_to_multiple_of: int | None = None) -> int:
+    """Grow the LM embeddings (input and output) to cover the tokenizer, only when needed.
+
+    New rows are initialised to the mean of the old ones (transformers' ``mean_resizing``).
+
+    Returns:
+        The number of rows before resizing (first new row), equal to the current size when nothing changed.
+    """
+    old = language_model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > old:
+        language_model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=pad_to_multiple_of)
+    return old
+
+
+def build_vision_tower(
+    *,
+    kind: VisionKind = "hf",
+    name_or_path: str | None = None,
+    pretrained: str | None = None,
+    config: dict[str, Any] | None = None,
+    feature_layer: int = -2,
+    dtype: torch.dtype | None = None,
+) -> VisionTower:
+    """A frozen vision tower.
+
+    Args:
+        kind: ``"hf"`` (transformers CLIP/SigLIP) or ``"open_clip"``.
+        name_or_path: ``"hf"``: directory or hub id of the checkpoint; ``"open_clip"``: architecture name
+            (``"ViT-L-14-336"``).
+        pretrained: ``"open_clip"`` only: a tag (``"openai"``), a local file, or ``None`` for random weights.
+        config: random-init config instead of a checkpoint: ``"hf"``: ``CLIPVisionConfig`` fields (``model_type``
+            ``"siglip_vision_model"`` for SigLIP); ``"open_clip"``: an ``open_clip`` model config dict.
+        feature_layer: layer whose features are used (``-2``: LLaVA-1.5).
+        dtype: weight dtype.
+    """
+    if kind == "open_clip":
+        tower: VisionTower = OpenCLIPVisionTower(
+            name_or_path or "ViT-L-14-336", pretrained, feature_layer=feature_layer, model_cfg=config, dtype=dtype
+        )
+        return tower
+    if kind != "hf":
+        raise ValueError(f"unknown vision tower kind {kind!r}; expected 'hf' or 'open_clip'")
+    if name_or_path is not None:
+        return HFVisionTower.from_pretrained(name_or_path, feature_layer=feature_layer, dtype=dtype)
+    if config is None:
+        raise ValueError("an 'hf' vision tower needs `name_or_path` or `config`")
+    tower = HFVisionTower.from_config(config, feature_layer=feature_layer)
+    return tower.to(dtype) if dtype is not None else tower
+
+
+def build_llava_mole(
+    *,
+    llm_path: str | None = None,
+    llm_config: dict[str, Any] | None = None,
+    tokenizer: Any = None,
+    vision: VisionKind = "hf",
+    vision_name_or_path: str | None = None,
+    vision_pretrained: str | None = None,
+    vision_config: dict[str, Any] | None = None,
+    feature_layer: int = -2,
+    projector: str = "mlp2x_gelu",
+    projector_path: str | None = None,
+    mole: Any = None,
+    dtype: torch.dtype | None = None,
+    attn_implementation: str | None = None,
+    image_token: str = DEFAULT_IMAGE_TOKEN,
+    train_new_token_rows: bool = False,
+    pad_to_multiple_of: int | None = None,
+    trust_remote_code: bool = False,
+) -> LlavaMoLE:
+    """Assemble vision tower, projector and (MoLE-adapted) LLM.
+
+    The tokenizer (with ``image_token`` added) is attached as ``model.tokenizer``.
+
+    Args:
+        llm_path: LLM directory or hub id (``AutoModelForCausalLM``); its tokenizer is loaded from there too.
+        llm_config: ``LlamaConfig`` fields for a random LLM when ``llm_path`` is ``None`` (``vocab_size`` defaults
+            to the tokenizer's size).
+        tokenizer: a tokenizer object or a tokenizer directory; default: from ``llm_path``, or the byte-level
+            :func:`tiny_tokenizer` for a config-built LLM.
+        vision: ``"hf"`` (transformers CLIP/SigLIP) or ``"open_clip"``.
+        vision_name_or_path: HF directory/hub id, or ``open_clip`` architecture name.
+        vision_pretrained: ``open_clip`` pretrained tag or file.
+        vision_config: random-init vision config (see :func:`build_vision_tower`).
+        feature_layer: vision layer used (``-2``: LLaVA-1.5).
+        projector: ``"mlp2x_gelu"``, ``"mlp{N}x_gelu"``, ``"linear"`` or ``"identity"``.
+        projector_path: LLaVA stage-1 ``mm_projector.bin`` (or safetensors) to initialise the projector.
+        mole: a ``MoLEConfig`` (or its dict) to adapt the LLM with; ``None`` trains the projector only (stage 1).
+        dtype: dtype of LLM, tower and projector (``None``: float32).
+        attn_implementation: LLM attention backend.
+        image_token: image placeholder token.
+        train_new_token_rows: make embedding rows added for new tokens trainable.
+        pad_to_multiple_of: round the resized vocabulary up (e.g. 64) when tokens are added.
+        trust_remote_code: allow custom code from model/tokenizer directories.
+    """
+    from mole_lightning.models.loading import load_projector
+
+    if isinstance(tokenizer, str):
+        tokenizer = load_tokenizer(tokenizer, image_token=image_token, trust_remote_code=trust_remote_code)
+    elif tokenizer is None:
+        if llm_path is not None:
+            tokenizer = load_tokenizer(llm_path, image_token=image_token, trust_remote_code=trust_remote_code)
+        else:
+            tokenizer = tiny_tokenizer(image_token=image_token)
+    else:
+        add_image_token(tokenizer, image_token)
+    image_token_id = int(tokenizer.convert_tokens_to_ids(image_token))
+
+    if llm_path is None and llm_config is not None:
+        llm_config = {"vocab_size": len(tokenizer), **llm_config}
+        llm_config.setdefault("pad_token_id", tokenizer.pad_token_id)
+        llm_config.setdefault("bos_token_id", tokenizer.bos_token_id)
+        llm_config.setdefault("eos_token_id", tokenizer.eos_token_id)
+    language_model = build_language_model(
+        path=llm_path,
+        config=llm_config,
+        dtype=dtype,
+        attn_implementation=attn_implementation,
+        trust_remote_code=trust_remote_code,
+    )
+    first_new_row = resize_embeddings(language_model, tokenizer, pad_to_multiple_of=pad_to_multiple_of)
+
+    tower = build_vision_tower(
+        kind=vision,
+        name_or_path=vision_name_or_path,
+        pretrained=vision_pretrained,
+        config=vision_config,
+        feature_layer=feature_layer,
+        dtype=dtype,
+    )
+    lm_hidden = language_model.get_input_embeddings().weight.shape[1]
+    proj = build_projector(projector, in_dim=tower.hidden_size, out_dim=lm_hidden)
+    if dtype is not None:
+        proj.to(dtype)
+    if projector_path is not None:
+        load_projector(proj, projector_path)
+
+    model = LlavaMoLE(tower, proj, language_model, image_token_id=image_token_id, projector_type=projector)
+    model.tokenizer = tokenizer
+    if mole is not None:
+        if isinstance(mole, dict):
+            from mole_lightning.peft import MoLEConfig
+
+            mole = MoLEConfig(**mole)
+        model.apply_mole(mole)
+    if train_new_token_rows and len(tokenizer) > first_new_row:
+        model.train_new_token_rows(first_new_row)
+    return model
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(
+        llm_config=TINY_LLAMA_CONFIG,
+        vision="hf",
+        vision_config=TINY_CLIP_VISION_CONFIG,
+        projector="mlp2x_gelu",
+        mole=dict(num_experts=3, rank=8, alpha=16.0, dropout=0.0),
+    ),
+    "llava-1.5-7b": dict(
+        llm_path="lmsys/vicuna-7b-v1.5",
+        vision="hf",
+        vision_name_or_path="openai/clip-vit-large-patch14-336",
+        feature_layer=-2,
+        projector="mlp2x_gelu",
+        mole=dict(num_experts=3, rank=32, alpha=64.0, dropout=0.05),
+        dtype=torch.bfloat16,
+    ),
+}
+"""Named argument sets of :func:`build_llava_mole`."""
+
+
+def build_preset(
+    name: str,
+    *,
+    tokenizer: Any = None,
+    vision: VisionKind | None = None,
+    mole: Any = "preset",
+    **overrides: Any,
+) -> LlavaMoLE:
+    """Build a preset, with any :func:`build_llava_mole` argument overridden.
+
+    ``"tiny"``: random 2-layer Llama (hidden 64) + tiny CLIP (32 px, patch 8, 16 tokens) + ``mlp2x_gelu`` + MoLE
+    K=3, r=8; byte-level tokenizer unless ``tokenizer`` names one. ``vision="open_clip"`` switches to a tiny
+    ``open_clip`` tower. ``"llava-1.5-7b"``: ``lmsys/vicuna-7b-v1.5`` + ``openai/clip-vit-large-patch14-336``
+    (layer -2) + ``mlp2x_gelu`` + MoLE K=3, r=32, alpha=64, dropout 0.05, bf16 (pass a stage-1
+    ``projector_path``; local directories work in place of hub ids).
+
+    Args:
+        name: ``"tiny"`` or ``"llava-1.5-7b"``.
+        tokenizer: tokenizer object or directory (tiny: the LLM vocabulary follows its size).
+        vision: override the tower kind (tiny ``"open_clip"`` uses :data:`TINY_OPEN_CLIP_CONFIG`).
+        mole: ``"preset"`` keeps the preset's MoLE config; ``None`` builds without adapters; or a ``MoLEConfig``.
+        **overrides: other :func:`build_llava_mole` arguments.
+    """
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; available: {sorted(PRESETS)}")
+    kwargs = copy.deepcopy(PRESETS[name])
+    if vision is not None and vision != kwargs.get("vision"):
+        kwargs["vision"] = vision
+        if name == "tiny":
+            kwargs["vision_config"] = TINY_OPEN_CLIP_CONFIG if vision == "open_clip" else TINY_CLIP_VISION_CONFIG
+        else:
+            kwargs.pop("vision_name_or_path", None)
+            if vision == "open_clip":
+                kwargs.update(vision_name_or_path="ViT-L-14-336-quickgelu", vision_pretrained="openai")
+    if mole != "preset":
+        kwargs["mole"] = mole
+    if tokenizer is not None:
+        kwargs["tokenizer"] = tokenizer
+    kwargs.update(overrides)
+    return build_llava_mole(**kwargs)
