@@ -95,6 +95,12 @@ class MoLEAux(NamedTuple):
     z_loss: torch.Tensor
 
 
+def _in_backward_pass() -> bool:
+    """True while autograd runs a backward pass, e.g. when activation checkpointing recomputes a layer."""
+    current_task = getattr(torch._C, "_current_graph_task_id", None)
+    return current_task is not None and current_task() != -1
+
+
 class MoLERouter(nn.Module):
     """Linear(d, K) top-1 router computed in fp32; one per MoLE block.
 
@@ -165,9 +171,10 @@ class MoLERouter(nn.Module):
                 if gate == "straight_through":
                     top_prob = top_prob - top_prob.detach() + 1.0
                 coeff = one_hot * top_prob
-        batch_size = leading_shape[0] if len(leading_shape) == 2 else 1
-        valid = self._valid_tokens(leading_shape, x.device)
-        self.record = RouterRecord(logits=logits, probs=probs, expert=expert, valid=valid, batch_size=batch_size)
+        if not _in_backward_pass():  # activation-checkpoint recomputation keeps the forward's record (and its mask)
+            batch_size = leading_shape[0] if len(leading_shape) == 2 else 1
+            valid = self._valid_tokens(leading_shape, x.device)
+            self.record = RouterRecord(logits=logits, probs=probs, expert=expert, valid=valid, batch_size=batch_size)
         self.decision = RoutingDecision(expert=expert, coeff=coeff, dense=gate == "soft")
         return self.decision
 
