@@ -1,0 +1,54 @@
+"""Instruction data for LLaVA-style models: templates, image processing, shards, mixing pipelines, DataModule.
+
+Public API:
+
+* :func:`encode_conversation` / :func:`encode_prompt` -- conversation → ``input_ids`` (+ ``labels``).
+* :class:`ImageProcessor` -- image bytes → normalized tower input (``pad`` / ``resize`` / ``crop``).
+* :func:`collate` / :class:`Collator` -- padded batch dicts (right for training, left for generation).
+* :class:`MixedInstructionDataModule` -- weighted multi-source webdataset training, per-source validation.
+* :class:`ShardWriter`, :func:`write_samples` -- write ``<source>-%06d.tar`` shards with ``sizes.json``.
+* :func:`make_demo_data` -- synthetic ``general``/``doc``/``med`` shards and a demo tokenizer.
+"""
+
+from mole_lightning.data.collate import Collator, collate, pad_token_id_of
+from mole_lightning.data.datamodule import MixedInstructionDataModule
+from mole_lightning.data.demo import DemoData, make_demo_data
+from mole_lightning.data.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageProcessor, to_rgb
+from mole_lightning.data.pipeline import SKIPPED_KEY, CountingLoader, MixedTrainingStream, SourceEvalStream
+from mole_lightning.data.samples import SampleEncoder
+from mole_lightning.data.shards import ShardWriter, expand_urls, write_samples
+from mole_lightning.data.templates import (
+    TEMPLATES,
+    BadSampleError,
+    encode_conversation,
+    encode_prompt,
+    image_token_id,
+    register_template,
+)
+
+__all__ = [
+    "OPENAI_CLIP_MEAN",
+    "OPENAI_CLIP_STD",
+    "SKIPPED_KEY",
+    "TEMPLATES",
+    "BadSampleError",
+    "Collator",
+    "CountingLoader",
+    "DemoData",
+    "ImageProcessor",
+    "MixedInstructionDataModule",
+    "MixedTrainingStream",
+    "SampleEncoder",
+    "ShardWriter",
+    "SourceEvalStream",
+    "collate",
+    "encode_conversation",
+    "encode_prompt",
+    "expand_urls",
+    "image_token_id",
+    "make_demo_data",
+    "pad_token_id_of",
+    "register_template",
+    "to_rgb",
+    "write_samples",
+]

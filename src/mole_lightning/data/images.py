@@ -1,0 +1,131 @@
+"""Image decoding and preprocessing for the vision tower, as in LLaVA-1.5.
+
+``aspect`` decides how a non-square image becomes the tower's square input:
+
+* ``pad`` -- LLaVA-1.5's ``expand2square``: the image is centred on a square filled with the mean colour
+  (``image_mean`` × 255). Implemented as resize-then-pad, which equals pad-then-resize up to resampling at the
+  border and is much cheaper for large images.
+* ``resize`` -- squash to ``image_size`` × ``image_size`` (aspect ratio not kept).
+* ``crop`` -- CLIP's default: shortest side to ``image_size``, then centre crop.
+
+Any PIL mode becomes RGB first: alpha (RGBA, LA, PA, P with transparency) is composited on white, CMYK/YCbCr/L/1/P
+are converted, and 16-bit or float images (``I;16``, ``I``, ``F``) are rescaled to 8 bit.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+ASPECTS = ("pad", "resize", "crop")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Converts any PIL image to 8-bit RGB.
+
+    Args:
+        image: An image in any mode (RGB, RGBA, LA, P, L, 1, CMYK, YCbCr, I;16, I, F, ...).
+
+    Returns:
+        An ``RGB`` image of the same size.
+    """
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+        mode = image.mode
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode.startswith("I") or mode == "F":
+        values = np.asarray(image, dtype=np.float32)
+        if values.ndim == 3:  # e.g. I;16 RGB variants decoded as (H, W, C)
+            values = values[..., 0]
+        peak = float(values.max()) if values.size else 0.0
+        if mode == "F" and peak <= 1.0:
+            values = values * 255.0
+        elif peak > 255.0:
+            values = values * (255.0 / 65535.0) if peak <= 65535.0 else values * (255.0 / peak)
+        gray = Image.fromarray(np.clip(values + 0.5, 0, 255).astype(np.uint8), mode="L")
+        return gray.convert("RGB")
+    return image.convert("RGB")
+
+
+class ImageProcessor:
+    """Decodes image bytes and turns them into a normalized ``(3, image_size, image_size)`` float tensor.
+
+    Args:
+        image_size: Side of the square tower input (336 for ViT-L/14-336).
+        mean: Per-channel mean in [0, 1] (also the ``pad`` fill colour).
+        std: Per-channel standard deviation.
+        aspect: ``"pad"``, ``"resize"`` or ``"crop"``.
+    """
+
+    def __init__(
+        self,
+        image_size: int = 336,
+        mean: Sequence[float] = OPENAI_CLIP_MEAN,
+        std: Sequence[float] = OPENAI_CLIP_STD,
+        aspect: str = "pad",
+    ) -> None:
+        if aspect not in ASPECTS:
+            raise ValueError(f"image aspect must be one of {ASPECTS}, got {aspect!r}")
+        self.image_size = int(image_size)
+        self.aspect = aspect
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        self.fill = tuple(int(round(m * 255)) for m in self.mean)
+        self._scale = torch.tensor([1.0 / (255.0 * s) for s in self.std]).view(3, 1, 1)
+        self._shift = torch.tensor([m / s for m, s in zip(self.mean, self.std)]).view(3, 1, 1)
+
+    def _target_size(self, width: int, height: int) -> tuple[int, int]:
+        size = self.image_size
+        if self.aspect == "resize":
+            return size, size
+        scale = size / max(width, height) if self.aspect == "pad" else size / min(width, height)
+        return max(1, round(width * scale)), max(1, round(height * scale))
+
+    def decode(self, data: bytes) -> Image.Image:
+        """Decodes encoded image bytes (JPEG decoding is shrunk early with ``draft`` when the image is large)."""
+        image = Image.open(io.BytesIO(data))
+        if image.format == "JPEG":
+            image.draft("RGB", self._target_size(*image.size))
+        image.load()
+        return image
+
+    def to_square(self, image: Image.Image) -> Image.Image:
+        """Applies ``to_rgb`` and the aspect policy; returns an ``image_size`` square RGB image."""
+        image = to_rgb(image)
+        size = self.image_size
+        width, height = image.size
+        target = self._target_size(width, height)
+        if target != (width, height):
+            image = image.resize(target, Image.Resampling.BICUBIC, reducing_gap=3.0)
+        if self.aspect == "pad" and target != (size, size):
+            canvas = Image.new("RGB", (size, size), self.fill)
+            canvas.paste(image, ((size - target[0]) // 2, (size - target[1]) // 2))
+            image = canvas
+        elif self.aspect == "crop" and target != (size, size):
+            left, top = (target[0] - size) // 2, (target[1] - size) // 2
+            image = image.crop((left, top, left + size, top + size))
+        return image
+
+    def normalize(self, image: Image.Image) -> torch.Tensor:
+        """RGB image → ``(3, H, W)`` float32 tensor, ``(x / 255 - mean) / std``."""
+        array = np.asarray(image, dtype=np.uint8)
+        tensor = torch.from_numpy(array.copy()).permute(2, 0, 1).float()
+        return tensor.mul_(self._scale).sub_(self._shift)
+
+    def __call__(self, image: bytes | Image.Image) -> torch.Tensor:
+        """Processes encoded bytes or a PIL image into the tower's normalized input tensor."""
+        if isinstance(image, (bytes, bytearray, memoryview)):
+            image = self.decode(bytes(image))
+        return self.normalize(self.to_square(image))

@@ -1,0 +1,456 @@
+"""Conversation templates and the conversation → (``input_ids``, ``labels``) encoder.
+
+A LLaVA conversation (``[{"from": "human", "value": "<image>\\nWhat is it?"}, {"from": "gpt", "value": "a cat"}]``)
+is rendered to one string by a named template, tokenized once with character offsets, and labelled: only the
+assistant replies and their end token are learned, everything else is :data:`~mole_lightning.constants.IGNORE_INDEX`.
+The ``<image>`` placeholder is expanded to ``num_image_tokens`` copies of the tokenizer's ``<image>`` id, where the
+model scatters its visual features.
+
+Templates (``TEMPLATES``):
+
+* ``vicuna_v1`` -- LLaVA-1.5: ``"<s>{system} USER: {q} ASSISTANT: {a}</s>USER: ..."``.
+* ``llama3`` -- ``<|start_header_id|>role<|end_header_id|>\\n\\n{text}<|eot_id|>`` blocks after the BOS token.
+* ``chatml`` -- Qwen: ``<|im_start|>role\\n{text}<|im_end|>\\n`` blocks.
+* ``plain`` -- stage-1 captioning: ``"<s><image>{caption}</s>"`` (the question text is dropped, as in LLaVA).
+* ``tokenizer`` -- the tokenizer's own Jinja ``chat_template`` (``apply_chat_template``).
+
+Requires a fast (``tokenizers``-backed) tokenizer, because labels are derived from character offsets; this makes
+masking independent of how a tokenizer merges spaces around role markers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from mole_lightning.constants import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX
+
+VICUNA_V1_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+LLAMA3_SYSTEM = (
+    "You are a helpful language and vision assistant. You are able to understand the visual content that the user "
+    "provides, and assist the user with a variety of tasks using natural language."
+)
+CHATML_SYSTEM = "You are a helpful assistant."
+
+USER_ROLES = {"human": "user", "user": "user"}
+ASSISTANT_ROLES = {"gpt": "assistant", "assistant": "assistant"}
+SYSTEM_ROLES = {"system": "system"}
+
+
+class BadSampleError(ValueError):
+    """A sample that cannot be used; ``kind`` names the reason (used as a counter key, e.g. ``"wrong_roles"``)."""
+
+    def __init__(self, kind: str, message: str = "") -> None:
+        super().__init__(f"{kind}: {message}" if message else kind)
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class Message:
+    """One normalized conversation turn.
+
+    Attributes:
+        role: ``"system"``, ``"user"`` or ``"assistant"``.
+        text: The turn's text; an image placeholder, if any, is ``"<image>\\n"`` at its very start.
+    """
+
+    role: str
+    text: str
+
+
+@dataclass
+class RenderedConversation:
+    """A conversation rendered to text by a template.
+
+    Attributes:
+        text: The full string to tokenize (already containing BOS/role markers as text).
+        learned_spans: Character ``[start, end)`` spans whose tokens are learned (assistant replies + end token).
+        generation_prompt_end: Character offset where the prompt for generation ends (after the last assistant
+            header); only meaningful when rendered with ``add_generation_prompt=True``.
+    """
+
+    text: str
+    learned_spans: list[tuple[int, int]] = field(default_factory=list)
+    generation_prompt_end: int | None = None
+
+
+class _Builder:
+    """Appends text pieces and remembers which character spans are learned."""
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.length = 0
+        self.learned_spans: list[tuple[int, int]] = []
+
+    def add(self, text: str, learned: bool = False) -> None:
+        if learned and text:
+            self.learned_spans.append((self.length, self.length + len(text)))
+        self.parts.append(text)
+        self.length += len(text)
+
+    def build(self, generation_prompt_end: int | None = None) -> RenderedConversation:
+        return RenderedConversation("".join(self.parts), self.learned_spans, generation_prompt_end)
+
+
+Renderer = Callable[[list[Message], Any, str | None, bool], RenderedConversation]
+"""``(messages, tokenizer, system_prompt, add_generation_prompt) -> RenderedConversation``."""
+
+
+def _special(tokenizer: Any, name: str, fallback: str = "") -> str:
+    value = getattr(tokenizer, name, None)
+    return value if isinstance(value, str) and value else fallback
+
+
+def _split_system(messages: list[Message], default: str, override: str | None) -> tuple[str, list[Message]]:
+    if messages and messages[0].role == "system":
+        return messages[0].text, messages[1:]
+    return (default if override is None else override), messages
+
+
+def render_vicuna_v1(
+    messages: list[Message], tokenizer: Any, system_prompt: str | None, add_generation_prompt: bool
+) -> RenderedConversation:
+    """LLaVA-1.5 ``conv_vicuna_v1`` (``SeparatorStyle.TWO``, sep ``" "``, sep2 ``"</s>"``)."""
+    system, turns = _split_system(messages, VICUNA_V1_SYSTEM, system_prompt)
+    eos = _special(tokenizer, "eos_token", "</s>")
+    out = _Builder()
+    out.add(_special(tokenizer, "bos_token") + system + " ")
+    for message in turns:
+        if message.role == "user":
+            out.add(f"USER: {message.text} ")
+        else:
+            out.add("ASSISTANT: ")
+            out.add(message.text + eos, learned=True)
+    if add_generation_prompt:
+        out.add("ASSISTANT:")
+        return out.build(out.length)
+    return out.build()
+
+
+def render_llama3(
+    messages: list[Message], tokenizer: Any, system_prompt: str | None, add_generation_prompt: bool
+) -> RenderedConversation:
+    """Llama-3 instruct blocks; the reply and its ``<|eot_id|>`` are learned."""
+    system, turns = _split_system(messages, LLAMA3_SYSTEM, system_prompt)
+    out = _Builder()
+    out.add(_special(tokenizer, "bos_token"))
+    if system:
+        out.add(f"<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>")
+    for message in turns:
+        out.add(f"<|start_header_id|>{message.role}<|end_header_id|>\n\n")
+        out.add(message.text + "<|eot_id|>", learned=message.role == "assistant")
+    if add_generation_prompt:
+        out.add("<|start_header_id|>assistant<|end_header_id|>\n\n")
+        return out.build(out.length)
+    return out.build()
+
+
+def render_chatml(
+    messages: list[Message], tokenizer: Any, system_prompt: str | None, add_generation_prompt: bool
+) -> RenderedConversation:
+    """ChatML (Qwen); the reply and its ``<|im_end|>`` are learned, the newline after it is not."""
+    system, turns = _split_system(messages, CHATML_SYSTEM, system_prompt)
+    out = _Builder()
+    if system:
+        out.add(f"<|im_start|>system\n{system}<|im_end|>\n")
+    for message in turns:
+        out.add(f"<|im_start|>{message.role}\n")
+        out.add(message.text + "<|im_end|>", learned=message.role == "assistant")
+        out.add("\n")
+    if add_generation_prompt:
+        out.add("<|im_start|>assistant\n")
+        return out.build(out.length)
+    return out.build()
+
+
+def render_plain(
+    messages: list[Message], tokenizer: Any, system_prompt: str | None, add_generation_prompt: bool
+) -> RenderedConversation:
+    """LLaVA ``plain`` (stage-1 captioning): image placeholder, then the first reply, then EOS.
+
+    The user's text other than the placeholder is dropped (as ``preprocess_plain`` does); later turns are ignored.
+    The reply ends with the tokenizer's EOS token (LLaVA uses ``"\\n"``) so generation has a stop token.
+    """
+    turns = [m for m in messages if m.role != "system"]
+    first_user = turns[0]
+    out = _Builder()
+    out.add(_special(tokenizer, "bos_token"))
+    if DEFAULT_IMAGE_TOKEN in first_user.text:
+        out.add(DEFAULT_IMAGE_TOKEN)
+    if add_generation_prompt:
+        return out.build(out.length)
+    out.add(turns[1].text + _special(tokenizer, "eos_token", "\n"), learned=True)
+    return out.build()
+
+
+def render_tokenizer_chat_template(
+    messages: list[Message], tokenizer: Any, system_prompt: str | None, add_generation_prompt: bool
+) -> RenderedConversation:
+    """The tokenizer's own ``chat_template``; learned spans are found by rendering growing prefixes.
+
+    Each assistant reply's span is the text between the prefix rendered with ``add_generation_prompt=True`` and the
+    prefix that includes the reply (trailing whitespace excluded). The template must render prefixes consistently
+    (true for Llama, Qwen, Mistral, Vicuna-style templates).
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("template='tokenizer' needs a tokenizer with a chat_template")
+    chat = [{"role": m.role, "content": m.text} for m in messages]
+    if system_prompt is not None and (not chat or chat[0]["role"] != "system"):
+        chat.insert(0, {"role": "system", "content": system_prompt})
+
+    def render(items: list[dict[str, str]], generation: bool) -> str:
+        return tokenizer.apply_chat_template(items, tokenize=False, add_generation_prompt=generation)
+
+    text = render(chat, add_generation_prompt)
+    spans: list[tuple[int, int]] = []
+    for index, item in enumerate(chat):
+        if item["role"] != "assistant":
+            continue
+        start = len(render(chat[:index], True))
+        end = len(render(chat[: index + 1], False).rstrip())
+        if text[:start] != render(chat[:index], True):
+            raise ValueError("the tokenizer's chat_template does not render conversation prefixes consistently")
+        spans.append((start, end))
+    return RenderedConversation(text, spans, len(text) if add_generation_prompt else None)
+
+
+TEMPLATES: dict[str, Renderer] = {
+    "vicuna_v1": render_vicuna_v1,
+    "llama3": render_llama3,
+    "chatml": render_chatml,
+    "plain": render_plain,
+    "tokenizer": render_tokenizer_chat_template,
+}
+"""Template registry: name → renderer. Add your own with :func:`register_template`."""
+
+
+def register_template(name: str, renderer: Renderer) -> None:
+    """Registers a conversation template under ``name`` (overwrites an existing one).
+
+    Args:
+        name: Name used as ``template=`` in :func:`encode_conversation` and the DataModule.
+        renderer: Function ``(messages, tokenizer, system_prompt, add_generation_prompt) -> RenderedConversation``.
+    """
+    TEMPLATES[name] = renderer
+
+
+def normalize_conversation(conversations: Sequence[dict[str, Any]]) -> list[Message]:
+    """Validates a LLaVA (``from``/``value``) or OpenAI-style (``role``/``content``) turn list.
+
+    Roles ``human``/``user`` and ``gpt``/``assistant`` must alternate, starting with a user turn (one optional
+    leading ``system`` turn). At most one ``<image>`` placeholder is allowed, in a user turn; it is moved to the
+    start of its turn as ``"<image>\\n"`` (as LLaVA does).
+
+    Args:
+        conversations: The ``conversations`` list of a LLaVA record.
+
+    Returns:
+        The normalized messages.
+
+    Raises:
+        BadSampleError: ``wrong_roles``, ``empty_text``, ``no_assistant_turn`` or ``bad_image_placeholder``.
+    """
+    if not isinstance(conversations, (list, tuple)) or not conversations:
+        raise BadSampleError("no_assistant_turn", "empty conversation")
+    messages: list[Message] = []
+    placeholders = 0
+    for index, turn in enumerate(conversations):
+        if not isinstance(turn, dict):
+            raise BadSampleError("wrong_roles", f"turn {index} is not an object")
+        raw_role = turn.get("from", turn.get("role"))
+        text = turn.get("value", turn.get("content"))
+        role_key = str(raw_role).lower()
+        if role_key in SYSTEM_ROLES and index == 0:
+            role = "system"
+        elif role_key in USER_ROLES:
+            role = "user"
+        elif role_key in ASSISTANT_ROLES:
+            role = "assistant"
+        else:
+            raise BadSampleError("wrong_roles", f"turn {index} has role {raw_role!r}")
+        if not isinstance(text, str):
+            raise BadSampleError("empty_text", f"turn {index} has no text")
+        count = text.count(DEFAULT_IMAGE_TOKEN)
+        if count:
+            if role != "user":
+                raise BadSampleError("bad_image_placeholder", f"<image> in a {role} turn")
+            placeholders += count
+            text = DEFAULT_IMAGE_TOKEN + "\n" + text.replace(DEFAULT_IMAGE_TOKEN, "").strip()
+        else:
+            text = text.strip()
+        if not text and role != "system":
+            raise BadSampleError("empty_text", f"turn {index} is empty")
+        messages.append(Message(role, text))
+    if placeholders > 1:
+        raise BadSampleError("bad_image_placeholder", f"{placeholders} <image> placeholders, at most 1 supported")
+    dialogue = messages[1:] if messages[0].role == "system" else messages
+    for index, message in enumerate(dialogue):
+        expected = "user" if index % 2 == 0 else "assistant"
+        if message.role != expected:
+            raise BadSampleError("wrong_roles", f"turn {index} is {message.role}, expected {expected}")
+    if not any(m.role == "assistant" for m in dialogue):
+        raise BadSampleError("no_assistant_turn")
+    return messages
+
+
+def image_token_id(tokenizer: Any) -> int:
+    """Returns the id of the ``<image>`` token, which must be a single special/added token of ``tokenizer``.
+
+    Raises:
+        ValueError: If the tokenizer has no ``<image>`` token (add it with
+            ``tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})`` and resize the embeddings).
+    """
+    ids = tokenizer.encode(DEFAULT_IMAGE_TOKEN, add_special_tokens=False)
+    if len(ids) != 1 or ids[0] == getattr(tokenizer, "unk_token_id", None):
+        raise ValueError(
+            f"the tokenizer has no single {DEFAULT_IMAGE_TOKEN!r} token (got ids {ids}); add it as a special token"
+        )
+    return ids[0]
+
+
+def _tokenize_rendered(
+    rendered: RenderedConversation, tokenizer: Any, end: int | None = None
+) -> tuple[list[int], list[bool]]:
+    """Tokenizes ``rendered.text[:end]`` and flags tokens that overlap a learned span (whitespace excluded)."""
+    text = rendered.text if end is None else rendered.text[:end]
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids: list[int] = list(encoding["input_ids"])
+    learned: list[bool] = []
+    spans = rendered.learned_spans
+    for start, stop in encoding["offset_mapping"]:
+        # Shrink the token's span to its non-whitespace characters so that " a" starting before a reply counts as
+        # part of the reply while a pure-whitespace separator token does not.
+        while start < stop and text[start].isspace():
+            start += 1
+        while stop > start and text[stop - 1].isspace():
+            stop -= 1
+        learned.append(start < stop and any(start < s_end and stop > s_start for s_start, s_end in spans))
+    return ids, learned
+
+
+def _get_renderer(template: str) -> Renderer:
+    try:
+        return TEMPLATES[template]
+    except KeyError:
+        raise ValueError(f"unknown template {template!r}; known: {sorted(TEMPLATES)}") from None
+
+
+def _expand_image_tokens(
+    ids: list[int], learned: list[bool], image_id: int, num_image_tokens: int, expected_images: int
+) -> tuple[list[int], list[bool], int]:
+    """Replaces each ``<image>`` id by ``num_image_tokens`` copies; returns ids, flags and the end of the image."""
+    positions = [i for i, token in enumerate(ids) if token == image_id]
+    if len(positions) != expected_images:
+        raise BadSampleError(
+            "bad_image_placeholder", f"{expected_images} <image> in text but {len(positions)} <image> tokens"
+        )
+    if not positions:
+        return ids, learned, 0
+    pos = positions[0]
+    ids = ids[:pos] + [image_id] * num_image_tokens + ids[pos + 1 :]
+    learned = learned[:pos] + [False] * num_image_tokens + learned[pos + 1 :]
+    return ids, learned, pos + num_image_tokens
+
+
+def encode_conversation(
+    conversations: Sequence[dict[str, Any]],
+    tokenizer: Any,
+    template: str = "vicuna_v1",
+    num_image_tokens: int = 576,
+    max_length: int | None = None,
+    system_prompt: str | None = None,
+) -> dict[str, torch.Tensor]:
+    """Turns a LLaVA conversation into ``input_ids`` and ``labels`` for causal-LM training.
+
+    A trailing user turn without a reply is dropped. Over-long samples are truncated on the right; truncation never
+    cuts through the image tokens (such samples raise ``BadSampleError("image_tokens_truncated")``), and a
+    truncation that leaves no learned token raises ``BadSampleError("no_target_after_truncation")``.
+
+    Args:
+        conversations: Turns as in the LLaVA JSON (``from``: human/gpt, ``value``), or ``role``/``content`` dicts.
+        tokenizer: A fast Hugging Face tokenizer that has an ``<image>`` special token.
+        template: Template name from :data:`TEMPLATES`.
+        num_image_tokens: Visual tokens per image (576 for ViT-L/14 at 336 px).
+        max_length: Maximum sequence length after image expansion; ``None`` for no limit.
+        system_prompt: Overrides the template's default system prompt (a leading ``system`` turn wins over both).
+
+    Returns:
+        ``{"input_ids": LongTensor (L,), "labels": LongTensor (L,)}``; labels are ``-100`` except on assistant
+        replies and their end token.
+
+    Raises:
+        BadSampleError: Invalid conversation (see :func:`normalize_conversation`) or truncation problems.
+    """
+    messages = normalize_conversation(conversations)
+    if messages[-1].role == "user":
+        messages = messages[:-1]
+    rendered = _get_renderer(template)(messages, tokenizer, system_prompt, False)
+    image_count = int(any(DEFAULT_IMAGE_TOKEN in m.text for m in messages if m.role == "user"))
+    if template == "plain":
+        image_count = int(DEFAULT_IMAGE_TOKEN in rendered.text)
+    ids, learned = _tokenize_rendered(rendered, tokenizer)
+    ids, learned, image_end = _expand_image_tokens(
+        ids, learned, image_token_id(tokenizer), num_image_tokens, image_count
+    )
+    if max_length is not None and len(ids) > max_length:
+        if image_end > max_length:
+            raise BadSampleError("image_tokens_truncated", f"image tokens end at {image_end} > {max_length}")
+        ids, learned = ids[:max_length], learned[:max_length]
+        if not any(learned):
+            raise BadSampleError("no_target_after_truncation", f"no reply left within {max_length} tokens")
+    input_ids = torch.tensor(ids, dtype=torch.long)
+    labels = torch.where(torch.tensor(learned, dtype=torch.bool), input_ids, torch.full_like(input_ids, IGNORE_INDEX))
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def encode_prompt(
+    conversations: Sequence[dict[str, Any]],
+    tokenizer: Any,
+    template: str = "vicuna_v1",
+    num_image_tokens: int = 576,
+    max_length: int | None = None,
+    system_prompt: str | None = None,
+) -> dict[str, torch.Tensor]:
+    """Encodes the prompt for generating the reply to the last user turn.
+
+    The final assistant reply (if present) is dropped; the result ends with the assistant role header, e.g.
+    ``"... USER: <image>\\nWhat is it? ASSISTANT:"`` for ``vicuna_v1``. Earlier replies stay in the prompt.
+
+    Args:
+        conversations: Turns as in :func:`encode_conversation`; may end with the user turn to answer.
+        tokenizer: A fast Hugging Face tokenizer that has an ``<image>`` special token.
+        template: Template name from :data:`TEMPLATES`.
+        num_image_tokens: Visual tokens per image.
+        max_length: If set and the prompt is longer, raises ``BadSampleError("prompt_too_long")``.
+        system_prompt: Overrides the template's default system prompt.
+
+    Returns:
+        ``{"input_ids": LongTensor (L,)}``.
+    """
+    messages = normalize_prompt_conversation(conversations)
+    if messages[-1].role == "assistant":
+        messages = messages[:-1]
+    rendered = _get_renderer(template)(messages, tokenizer, system_prompt, True)
+    image_count = int(DEFAULT_IMAGE_TOKEN in rendered.text[: rendered.generation_prompt_end])
+    ids, learned = _tokenize_rendered(rendered, tokenizer, end=rendered.generation_prompt_end)
+    ids, _, _ = _expand_image_tokens(ids, learned, image_token_id(tokenizer), num_image_tokens, image_count)
+    if max_length is not None and len(ids) > max_length:
+        raise BadSampleError("prompt_too_long", f"prompt has {len(ids)} > {max_length} tokens")
+    return {"input_ids": torch.tensor(ids, dtype=torch.long)}
+
+
+def normalize_prompt_conversation(conversations: Sequence[dict[str, Any]]) -> list[Message]:
+    """Like :func:`normalize_conversation` but also accepts a single user turn (a bare question)."""
+    try:
+        return normalize_conversation(conversations)
+    except BadSampleError as error:
+        if error.kind != "no_assistant_turn" or not conversations:
+            raise
+        padded = list(conversations) + [{"from": "gpt", "value": "-"}]
+        return normalize_conversation(padded)[:-1]
