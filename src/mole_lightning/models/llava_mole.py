@@ -180,11 +180,19 @@ class LlavaMoLE(nn.Module):
 
     def gradient_checkpointing_enable(self) -> None:
         """Recompute each LM decoder layer in the backward pass (non-reentrant checkpointing)."""
-        self.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        lm = self.language_model
+        if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def gradient_checkpointing_disable(self) -> None:
         """Undo :meth:`gradient_checkpointing_enable`."""
-        self.language_model.gradient_checkpointing_disable()
+        lm = self.language_model
+        if hasattr(lm, "activation_checkpointing_disable"):
+            lm.activation_checkpointing_disable()
+        else:
+            lm.gradient_checkpointing_disable()
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """Trainable parameters by role, for optimizer groups (each parameter in exactly one group).

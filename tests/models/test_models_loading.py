@@ -1,0 +1,152 @@
+"""Each checkpoint format reloads and reproduces the saved model's outputs exactly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mole_lightning.models import (
+    build_llava_mole,
+    build_preset,
+    build_projector,
+    load_adapters,
+    load_llava_hf,
+    load_projector,
+    save_adapters,
+)
+from mole_lightning.peft import MoLEConfig
+
+from .conftest import clip_config_kwargs, llama_config_kwargs  # noqa: TID252
+
+MOLE = MoLEConfig(num_experts=3, rank=4, alpha=8.0, dropout=0.0, balance_coef=0.01)
+
+
+@pytest.fixture
+def llm_dir(tmp_path, tokenizer_without_image):
+    """A tiny LlamaForCausalLM + tokenizer without ``<image>`` saved as an HF directory."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(LlamaConfig(**llama_config_kwargs(len(tokenizer_without_image)))).eval()
+    lm.save_pretrained(tmp_path / "llm")
+    tokenizer_without_image.save_pretrained(tmp_path / "llm")
+    return tmp_path / "llm", lm
+
+
+def test_hf_llm_dir_adds_image_token_and_reproduces_logits(llm_dir):
+    path, ref = llm_dir
+    model = build_llava_mole(llm_path=str(path), vision_config=clip_config_kwargs()).eval()
+    assert model.tokenizer.convert_tokens_to_ids("<image>") == model.image_token_id == 44
+    emb = model.language_model.get_input_embeddings().weight
+    assert emb.shape[0] == 45  # resized by exactly the added token
+    ids = torch.randint(4, 44, (2, 10))
+    with torch.no_grad():
+        out = model(ids).logits
+        expected = ref(input_ids=ids).logits
+    torch.testing.assert_close(out[..., :44], expected, rtol=0, atol=0)
+    assert not emb.requires_grad  # new rows trainable only if asked
+    assert "<image>" in model.tokenizer.tokenize("w1 <image> w2")
+
+
+def test_tokenizer_with_image_token_does_not_resize(tmp_path, tokenizer_with_image):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(LlamaConfig(**llama_config_kwargs(len(tokenizer_with_image)))).save_pretrained(tmp_path)
+    tokenizer_with_image.save_pretrained(tmp_path)
+    model = build_llava_mole(llm_path=str(tmp_path), vision_config=clip_config_kwargs())
+    assert model.language_model.get_input_embeddings().weight.shape[0] == len(tokenizer_with_image) == 45
+
+
+def test_new_token_rows_train_only_new_rows(llm_dir, make_batch):
+    path, _ = llm_dir
+    model = build_llava_mole(
+        llm_path=str(path), vision_config=clip_config_kwargs(), mole=MOLE, train_new_token_rows=True
+    ).train()
+    batch = make_batch(model.image_token_id)
+    batch["labels"][0, -1] = model.image_token_id  # make the new output row receive a gradient
+    model(**batch).total_loss.backward()
+    head = model.language_model.get_output_embeddings().weight
+    emb = model.language_model.get_input_embeddings().weight
+    assert head.grad[44:].any() and not head.grad[:44].any()
+    assert emb.grad is not None and not emb.grad[:44].any()
+    assert "embeddings" in model.parameter_groups()
+
+
+def test_llava_hf_checkpoint_reproduces_transformers_outputs(llava_hf_checkpoint, make_batch):
+    directory, hf = llava_hf_checkpoint
+    model = load_llava_hf(directory).eval()  # no adapters: exactly the checkpoint's network
+    assert model.tokenizer is not None and model.image_token_id == hf.config.image_token_id
+    batch = make_batch(hf.config.image_token_id, text_only_second=False)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, hf(**batch).logits, rtol=0, atol=1e-6)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("projector.") for n in trainable)
+
+
+def test_mm_projector_bin(tmp_path):
+    torch.manual_seed(0)
+    w1, b1, w2, b2 = torch.randn(32, 24), torch.randn(32), torch.randn(32, 32), torch.randn(32)
+    state = {
+        "model.mm_projector.0.weight": w1,
+        "model.mm_projector.0.bias": b1,
+        "model.mm_projector.2.weight": w2,
+        "model.mm_projector.2.bias": b2,
+    }
+    torch.save(state, tmp_path / "mm_projector.bin")
+    proj = load_projector(build_projector("mlp2x_gelu", in_dim=24, out_dim=32), tmp_path / "mm_projector.bin")
+    x = torch.randn(3, 5, 24)
+    expected = F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)
+    with torch.no_grad():
+        torch.testing.assert_close(proj(x), expected, rtol=0, atol=0)
+
+    # through the builder
+    model = build_preset(
+        "tiny",
+        mole=None,
+        projector_path=str(tmp_path / "mm_projector.bin"),
+        vision_config=dict(clip_config_kwargs(), hidden_size=24, num_attention_heads=4),
+        llm_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4),
+    )
+    torch.testing.assert_close(model.projector[2].weight, w2, rtol=0, atol=0)
+
+
+def test_mm_projector_key_errors_are_reported(tmp_path):
+    torch.save({"model.mm_projector.0.weight": torch.zeros(32, 24)}, tmp_path / "bad.bin")
+    with pytest.raises(RuntimeError, match="Missing key"):
+        load_projector(build_projector("mlp2x_gelu", in_dim=24, out_dim=32), tmp_path / "bad.bin")
+
+
+def test_adapters_round_trip_onto_a_fresh_base(tmp_path, make_batch):
+    torch.manual_seed(0)
+    trained = build_preset("tiny").eval()
+    with torch.no_grad():  # pretend training happened
+        for p in trained.parameters():
+            if p.requires_grad:
+                p.add_(0.2 * torch.randn_like(p))
+    save_adapters(trained, tmp_path / "adapter")
+    meta = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert MoLEConfig(**meta["mole"]) == trained.mole_config
+
+    torch.manual_seed(0)
+    base = build_preset("tiny", mole=None).eval()  # same base weights, no adapters yet
+    batch = make_batch(trained.image_token_id)
+    with torch.no_grad():
+        before = base(**batch).logits
+    load_adapters(base, tmp_path / "adapter")
+    with torch.no_grad():
+        expected = trained(**batch)
+        out = base(**batch)
+    assert not torch.allclose(before, expected.logits)
+    torch.testing.assert_close(out.logits, expected.logits, rtol=0, atol=0)
+    torch.testing.assert_close(out.aux_loss, expected.aux_loss, rtol=0, atol=0)
+
+
+def test_preset_tiny_open_clip_runs(make_batch):
+    model = build_preset("tiny", vision="open_clip")
+    batch = make_batch(model.image_token_id)
+    out = model(**batch)
+    assert out.logits.shape == (2, 24, len(model.tokenizer))
+    assert model.num_image_tokens == 16
