@@ -150,3 +150,32 @@ def test_preset_tiny_open_clip_runs(make_batch):
     out = model(**batch)
     assert out.logits.shape == (2, 24, len(model.tokenizer))
     assert model.num_image_tokens == 16
+
+
+def test_linear_projector_from_mm_projector_bin(tmp_path):
+    w, b = torch.randn(32, 24), torch.randn(32)
+    torch.save({"model.mm_projector.weight": w, "model.mm_projector.bias": b}, tmp_path / "mm_projector.bin")
+    proj = load_projector(build_projector("linear", in_dim=24, out_dim=32), tmp_path / "mm_projector.bin")
+    x = torch.randn(4, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(proj(x), F.linear(x, w, b), rtol=0, atol=0)
+
+
+def test_llava_15_7b_preset_on_local_tiny_copies(llm_dir, tmp_path):
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    path, _ = llm_dir
+    CLIPVisionModel(CLIPVisionConfig(**clip_config_kwargs())).save_pretrained(tmp_path / "clip")
+    model = build_preset(
+        "llava-1.5-7b", llm_path=str(path), vision_name_or_path=str(tmp_path / "clip"), dtype=torch.float32
+    )
+    cfg = model.mole_config
+    assert (cfg.num_experts, cfg.rank, cfg.alpha, cfg.dropout) == (3, 32, 64.0, 0.05)
+    assert model.projector_type == "mlp2x_gelu" and model.vision_tower.feature_layer == -2
+
+
+def test_tiny_preset_with_tokenizer_path(tmp_path, tokenizer_without_image):
+    tokenizer_without_image.save_pretrained(tmp_path / "tok")
+    model = build_preset("tiny", tokenizer=str(tmp_path / "tok"))
+    assert model.image_token_id == 44
+    assert model.language_model.get_input_embeddings().weight.shape[0] == 45

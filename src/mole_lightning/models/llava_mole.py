@@ -87,6 +87,7 @@ class LlavaMoLE(nn.Module):
         self.image_token_id = int(image_token_id)
         self.projector_type = projector_type
         self.mole_config: Any = None
+        self.tokenizer: Any = None  # set by the builders/loaders (tokenizer with the image token)
         self._token_row_start: int | None = None
         self._token_row_hooks: list[Any] = []
         self.vision_tower.freeze()

@@ -123,7 +123,7 @@ class OpenCLIPVisionTower(VisionTower):
             cfg.pop("custom_text", None)
             clip = open_clip.CLIP(**cfg)
             if pretrained:
-                open_clip.load_checkpoint(clip, pretrained, strict=False, weights_only=True)
+                open_clip.load_checkpoint(clip, pretrained, strict=True, weights_only=True)
             size = clip.visual.image_size
             mean, std = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
         else:
