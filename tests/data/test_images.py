@@ -1,0 +1,92 @@
+"""Image processing: every PIL mode becomes RGB, and pad/resize/crop geometry and normalization values."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mole_lightning.data.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageProcessor, to_rgb
+
+MEAN = torch.tensor(OPENAI_CLIP_MEAN).view(3, 1, 1)
+STD = torch.tensor(OPENAI_CLIP_STD).view(3, 1, 1)
+
+
+def normalized(rgb: tuple[int, int, int]) -> torch.Tensor:
+    """Hand-computed normalization of one RGB colour, shape (3,)."""
+    return ((torch.tensor(rgb, dtype=torch.float32) / 255).view(3, 1, 1) - MEAN).div(STD).flatten()
+
+
+@pytest.mark.parametrize(
+    ("image", "expected_rgb"),
+    [
+        (Image.new("RGBA", (4, 4), (10, 20, 30, 255)), (10, 20, 30)),
+        (Image.new("RGBA", (4, 4), (10, 20, 30, 0)), (255, 255, 255)),  # transparent → white
+        (Image.new("LA", (4, 4), (100, 0)), (255, 255, 255)),
+        (Image.new("L", (4, 4), 77), (77, 77, 77)),
+        (Image.new("1", (4, 4), 1), (255, 255, 255)),
+        (Image.new("CMYK", (4, 4), (0, 0, 0, 0)), (255, 255, 255)),
+        (Image.new("I;16", (4, 4), 65535), (255, 255, 255)),
+        (Image.new("I;16", (4, 4), 32896), (128, 128, 128)),
+        (Image.new("I", (4, 4), 65535), (255, 255, 255)),
+        (Image.new("F", (4, 4), 0.5), (128, 128, 128)),
+    ],
+)
+def test_any_mode_becomes_8bit_rgb(image, expected_rgb):
+    rgb = to_rgb(image)
+    assert rgb.mode == "RGB" and rgb.size == image.size
+    assert rgb.getpixel((1, 1)) == expected_rgb
+
+
+def test_palette_with_transparency_is_composited_on_white():
+    image = Image.new("P", (4, 4), 0)
+    image.putpalette([200, 0, 0] + [0, 0, 0] * 255)
+    image.info["transparency"] = 0
+    assert to_rgb(image).getpixel((0, 0)) == (255, 255, 255)
+    del image.info["transparency"]
+    assert to_rgb(image).getpixel((0, 0)) == (200, 0, 0)
+
+
+def test_pad_centres_a_wide_image_on_the_mean_colour():
+    red = Image.new("RGB", (40, 20), (255, 0, 0))  # → 8×4 inside an 8×8 square: rows 0-1 and 6-7 are padding
+    pixels = ImageProcessor(8, aspect="pad")(red)
+    assert pixels.shape == (3, 8, 8) and pixels.dtype == torch.float32
+    fill = tuple(int(round(m * 255)) for m in OPENAI_CLIP_MEAN)
+    for row in (0, 1, 6, 7):
+        assert torch.allclose(pixels[:, row, 3], normalized(fill), atol=1e-5)
+    for row in (2, 5):
+        assert torch.allclose(pixels[:, row, 3], normalized((255, 0, 0)), atol=1e-5)
+
+
+def test_resize_squashes_and_crop_takes_the_centre():
+    halves = Image.new("RGB", (60, 20), (0, 0, 255))
+    halves.paste((0, 255, 0), (30, 0, 60, 20))  # left half blue, right half green
+    squashed = ImageProcessor(6, aspect="resize")(halves)  # 10 input columns per output column
+    assert torch.allclose(squashed[:, 3, 0], normalized((0, 0, 255)), atol=1e-5)
+    assert torch.allclose(squashed[:, 3, 5], normalized((0, 255, 0)), atol=1e-5)
+    bands = Image.new("RGB", (120, 20), (0, 0, 255))
+    bands.paste((0, 255, 0), (40, 0, 80, 20))  # blue | green | blue
+    cropped = ImageProcessor(6, aspect="crop")(bands)  # 36×6, then the middle 6 columns (all green)
+    assert torch.allclose(cropped, normalized((0, 255, 0)).view(3, 1, 1).expand(3, 6, 6), atol=1e-5)
+
+
+def test_bytes_input_large_jpeg_and_16bit_png_are_decoded():
+    processor = ImageProcessor(16, aspect="pad")
+    buffer = io.BytesIO()
+    Image.new("RGB", (640, 480), (0, 128, 255)).save(buffer, format="JPEG", quality=95)
+    pixels = processor(buffer.getvalue())
+    assert pixels.shape == (3, 16, 16)
+    assert torch.allclose(pixels[:, 8, 8], normalized((0, 128, 255)), atol=0.05)
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((8, 8), 65535, dtype=np.uint16)).save(buffer, format="PNG")
+    assert torch.allclose(processor(buffer.getvalue())[:, 8, 8], normalized((255, 255, 255)), atol=1e-5)
+
+
+def test_invalid_aspect_and_corrupt_bytes_raise():
+    with pytest.raises(ValueError, match="aspect"):
+        ImageProcessor(8, aspect="stretch")
+    with pytest.raises(Exception):  # noqa: B017 - PIL raises UnidentifiedImageError / OSError variants
+        ImageProcessor(8)(b"not an image")
