@@ -298,7 +298,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         vision="hf",
         vision_config=TINY_CLIP_VISION_CONFIG,
         projector="mlp2x_gelu",
-        mole=dict(num_experts=3, rank=8, alpha=16.0, dropout=0.0),
+        mole=dict(num_experts=3, rank=8, alpha=16.0, dropout=0.0, balance_coef=0.01),
     ),
     "llava-1.5-7b": dict(
         llm_path="lmsys/vicuna-7b-v1.5",
@@ -306,7 +306,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         vision_name_or_path="openai/clip-vit-large-patch14-336",
         feature_layer=-2,
         projector="mlp2x_gelu",
-        mole=dict(num_experts=3, rank=32, alpha=64.0, dropout=0.05),
+        mole=dict(num_experts=3, rank=32, alpha=64.0, dropout=0.05, balance_coef=0.01),
         dtype=torch.bfloat16,
     ),
 }
@@ -323,6 +323,7 @@ def build_preset(
 ) -> LlavaMoLE:
     """Build a preset, with any :func:`build_llava_mole` argument overridden.
 
+    Both presets use a switch balance loss with coefficient 0.01 (pass ``mole=`` to change any MoLE setting).
     ``"tiny"``: random 2-layer Llama (hidden 64) + tiny CLIP (32 px, patch 8, 16 tokens) + ``mlp2x_gelu`` + MoLE
     K=3, r=8; byte-level tokenizer unless ``tokenizer`` names one. ``vision="open_clip"`` switches to a tiny
     ``open_clip`` tower. ``"llava-1.5-7b"``: ``lmsys/vicuna-7b-v1.5`` + ``openai/clip-vit-large-patch14-336``
