@@ -261,6 +261,7 @@ def tokenizer_corpus(texts: list[str]) -> Iterator[str]:
     """Training text for the demo tokenizer: conversation texts plus every template's fixed strings."""
     yield from texts
     fixed = [VICUNA_V1_SYSTEM, LLAMA3_SYSTEM, CHATML_SYSTEM, "USER: ASSISTANT:", "system", "user", "assistant"]
+    fixed.append(f"{VICUNA_V1_SYSTEM} USER: hi ASSISTANT: hello USER: ok ASSISTANT: bye")
     for _ in range(20):
         yield from fixed
         yield MC_INSTRUCTION

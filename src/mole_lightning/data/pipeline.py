@@ -29,7 +29,7 @@ from typing import Any
 
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import tarfile_samples
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from mole_lightning.data.collate import Collator
 from mole_lightning.data.templates import BadSampleError
@@ -76,11 +76,43 @@ def worker_position() -> tuple[int, int]:
     return (info.id, info.num_workers) if info is not None else (0, 1)
 
 
+class _TailRecorder:
+    """Stream wrapper remembering the last 512 bytes read (to check for the tar end-of-archive zero block)."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.head = b""
+        self.tail = b""
+
+    def read(self, *args: Any) -> bytes:
+        data = self.stream.read(*args)
+        if data:
+            if len(self.head) < 8:
+                self.head = (self.head + data)[:8]
+            self.tail = (self.tail + data)[-512:]
+        return data
+
+    def ended_cleanly(self) -> bool:
+        """Whether the data ends with a zero block (tar files end with zero blocks); compressed tars pass."""
+        if self.head.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"\x28\xb5\x2f\xfd")):
+            return True
+        return len(self.tail) == 512 and not self.tail.strip(b"\0")
+
+    def close(self) -> None:
+        try:
+            self.stream.close()
+        except Exception:  # a failed curl pipe raises on close; the failure is reported already
+            pass
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
 def read_shard(url: str, source: str, counter: SkipCounter) -> Iterator[dict[str, Any]]:
     """Yields the raw samples of one shard; an unreadable or truncated shard is warned about, counted and left.
 
-    A sample completed before the error is kept; the one being read when it happened is dropped (it may be
-    incomplete: webdataset emits it only after the error).
+    Samples completed before a problem are kept; the one being read when it happened is dropped, and so is the
+    last sample of a shard that ends without the tar end-of-archive block (a shard truncated at a file boundary).
     """
     errors: list[BaseException] = []
 
@@ -88,10 +120,25 @@ def read_shard(url: str, source: str, counter: SkipCounter) -> Iterator[dict[str
         errors.append(error)
         return False  # stop reading this shard
 
-    for sample in tarfile_samples(iter([{"url": url}]), handler=remember):
-        if errors:
-            break
-        yield sample
+    try:
+        stream = _TailRecorder(wds.gopen(url))
+    except Exception as error:
+        stream = None
+        errors.append(error)
+    if stream is not None:
+        files = tar_file_expander(iter([{"url": url, "stream": stream}]), handler=remember)
+        pending = None
+        for sample in group_by_keys(files, handler=remember):
+            if errors:
+                break  # emitted after the error: possibly incomplete
+            if pending is not None:
+                yield pending
+            pending = sample
+        if not errors and pending is not None and not stream.ended_cleanly():
+            errors.append(EOFError("no tar end-of-archive block: truncated shard?"))
+        stream.close()
+        if not errors and pending is not None:
+            yield pending
     if errors:
         counter.add("unreadable_shard", source)
         warnings.warn(f"skipping the rest of shard {url} ({source}): {errors[0]!r}", RuntimeWarning, stacklevel=2)

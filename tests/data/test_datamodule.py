@@ -1,0 +1,139 @@
+"""MixedInstructionDataModule: standalone use, simulated ranks, per-source validation, skip counts, Lightning fit."""
+
+from __future__ import annotations
+
+import inspect
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from mole_lightning.data import MixedInstructionDataModule
+from tests.data.conftest import IMAGE_SIZE, NUM_IMAGE_TOKENS, record, write_source
+
+
+def make(demo, **overrides) -> MixedInstructionDataModule:
+    options = dict(
+        sources=demo.sources("train"),
+        val_sources=demo.sources("val"),
+        tokenizer=demo.tokenizer,
+        num_image_tokens=NUM_IMAGE_TOKENS,
+        image_size=IMAGE_SIZE,
+        batch_size=8,
+        num_workers=0,
+        max_length=256,
+        shuffle_buffer=20,
+        samples_per_epoch=64,
+    )
+    options.update(overrides)
+    return MixedInstructionDataModule(**options)
+
+
+def test_constructor_arguments_are_typed_and_documented():
+    signature = inspect.signature(MixedInstructionDataModule.__init__)
+    doc = MixedInstructionDataModule.__doc__
+    for name, parameter in signature.parameters.items():
+        if name == "self":
+            continue
+        assert parameter.annotation is not inspect.Parameter.empty, name
+        assert f"    {name}:" in doc, name
+
+
+def test_epoch_length_equal_over_simulated_ranks(demo):
+    lengths = []
+    for rank in (0, 1):
+        datamodule = make(demo, num_workers=2, samples_per_epoch=100, batch_size=4)
+        datamodule.setup("fit")
+        datamodule.rank, datamodule.world_size = rank, 2
+        loader = datamodule.train_dataloader()
+        lengths.append((len(loader), sum(1 for _ in loader)))
+    assert lengths == [(14, 14), (14, 14)]
+
+
+def test_default_epoch_size_comes_from_sizes_json(demo):
+    datamodule = make(demo, samples_per_epoch=None)
+    datamodule.setup("fit")
+    assert datamodule.epoch_samples() == 360
+
+
+def test_validation_loaders_per_source_and_generation_batches(demo):
+    datamodule = make(demo, val_batch_size=16)
+    datamodule.setup("validate")
+    assert datamodule.val_source_names == ["general", "doc", "med"]
+    for name, loader in zip(datamodule.val_source_names, datamodule.val_dataloader()):
+        batches = list(loader)
+        assert [len(b["id"]) for b in batches] == [16, 4]
+        assert {s for b in batches for s in b["source"]} == {name}
+    batch = next(iter(datamodule.generation_dataloaders()["med"]))
+    assert batch["attention_mask"][:, -1].all()  # left padded
+    assert all(a in (["yes"], ["no"], ["normal tissue"], ["abnormal tissue"]) for a in batch["answers"])
+    tokenizer = datamodule.tokenizer
+    prompt = tokenizer.decode(batch["input_ids"][0][batch["attention_mask"][0].bool()])
+    assert prompt.endswith(f"USER: {'<image>' * NUM_IMAGE_TOKENS}\n{batch['question'][0]} ASSISTANT:")
+
+
+def test_skipped_counts_collected_from_workers(demo, tmp_path):
+    samples = [record(i, "Q?", "A") for i in range(12)]
+    samples[3]["json"] = b"{broken"
+    samples[7]["png"] = b"junk"
+    spec = write_source(str(tmp_path), "bad", samples, maxcount=6)
+    datamodule = make(demo, val_sources={"bad": {"urls": spec}}, num_workers=2, val_batch_size=2)
+    datamodule.setup("validate")
+    [loader] = datamodule.val_dataloader()
+    assert sum(len(b["id"]) for b in loader) == 10
+    assert datamodule.skipped_counts() == {"bad_json/bad": 1, "corrupt_image/bad": 1}
+    assert datamodule.state_dict() == {"skipped": {"bad_json/bad": 1, "corrupt_image/bad": 1}}
+
+
+def test_setup_errors_are_clear(demo, tmp_path):
+    with pytest.raises(ValueError, match="unknown template"):
+        make(demo, template="alpaca")
+    datamodule = make(demo, sources={"gone": {"urls": str(tmp_path / "none-{000000..000001}.tar"), "weight": 1.0}})
+    with pytest.warns(UserWarning, match="missing shard"), pytest.raises(FileNotFoundError, match="readable shard"):
+        datamodule.setup("fit")
+
+
+class TinyModel(pl.LightningModule):
+    """Bag-of-tokens model that consumes the batch dict like a real multimodal model would."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.embed = torch.nn.EmbeddingBag(vocab, 8)
+        self.image = torch.nn.Linear(3, 8)
+        self.head = torch.nn.Linear(8, 1)
+        self.val_sources: list[str] = []
+
+    def loss(self, batch):
+        features = self.embed(batch["input_ids"], per_sample_weights=None, offsets=None)
+        if batch["pixel_values"] is not None:
+            pooled = self.image(batch["pixel_values"].mean(dim=(2, 3)))
+            features = features.index_add(0, batch["has_image"].nonzero().flatten(), pooled)
+        return self.head(features).pow(2).mean()
+
+    def training_step(self, batch, batch_idx):
+        assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
+        self.log_dict({f"skipped/{k}": float(v) for k, v in self.trainer.datamodule.skipped_counts().items()})
+        return self.loss(batch)
+
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        self.val_sources.append(batch["source"][0])
+        self.log("val_loss", self.loss(batch), batch_size=len(batch["id"]))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def test_fits_in_a_lightning_trainer_with_workers(demo):
+    datamodule = make(demo, num_workers=2, val_batch_size=20)
+    model = TinyModel(len(datamodule.tokenizer))
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, datamodule=datamodule)
+    assert trainer.global_step == 8  # ceil(64 / 8) batches, 4 per worker
+    assert sorted(set(model.val_sources)) == ["doc", "general", "med"]

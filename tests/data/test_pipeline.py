@@ -1,0 +1,246 @@
+"""Streaming pipelines: mixing proportions, equal batch counts per rank, HTTP shards, bad samples and shards."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import os
+import threading
+from collections import Counter
+
+import pytest
+
+from mole_lightning.data.collate import Collator
+from mole_lightning.data.pipeline import (
+    CountingLoader,
+    MixedTrainingStream,
+    SkipTally,
+    SourceEvalStream,
+    batches_per_worker,
+    split_for_reader,
+)
+from mole_lightning.data.samples import SampleEncoder
+from mole_lightning.data.shards import expand_urls
+from tests.data.conftest import IMAGE_SIZE, NUM_IMAGE_TOKENS, image_bytes, record, write_source
+
+
+def encoder(demo, **overrides) -> SampleEncoder:
+    options = dict(tokenizer=demo.tokenizer, num_image_tokens=NUM_IMAGE_TOKENS, image_size=IMAGE_SIZE)
+    options.update(overrides)
+    return SampleEncoder(**options)
+
+
+def training_stream(demo, sources, batches, batch_size=8, rank=0, world_size=1, num_workers=0, shuffle_buffer=50):
+    expanded = {name: {"urls": expand_urls(c["urls"]), "weight": c["weight"]} for name, c in sources.items()}
+    return MixedTrainingStream(
+        expanded,
+        encoder(demo),
+        Collator(pad_token_id=3),
+        batch_size=batch_size,
+        batches_per_worker=batches,
+        num_workers=num_workers,
+        shuffle_buffer=shuffle_buffer,
+        seed=0,
+        rank=rank,
+        world_size=world_size,
+    )
+
+
+def eval_loader(demo, source, urls, tally, num_workers=0, batch_size=8, **overrides):
+    stream = SourceEvalStream(source, expand_urls(urls), encoder(demo, **overrides), Collator(3), batch_size)
+    return CountingLoader(stream, tally, num_workers=num_workers)
+
+
+def test_mixing_proportions_follow_the_weights(demo):
+    weights = {"general": 1.0, "doc": 2.0, "med": 1.0}
+    stream = training_stream(demo, demo.sources("train", weights), batches=100, batch_size=32, num_workers=2)
+    counts = Counter()
+    for batch in CountingLoader(stream, SkipTally(), num_workers=2):
+        counts.update(batch["source"])
+    total = sum(counts.values())
+    assert total == 2 * 100 * 32
+    for name, expected in {"general": 0.25, "doc": 0.5, "med": 0.25}.items():
+        assert abs(counts[name] / total - expected) < 0.03, counts
+
+
+def test_every_rank_yields_the_same_number_of_batches_with_two_workers(demo):
+    per_worker = batches_per_worker(samples_per_epoch=100, batch_size=4, world_size=2, num_workers=2)
+    assert per_worker == 7  # ceil(ceil(100 / (4 * 2)) / 2)
+    seen_ids = []
+    for rank in (0, 1):
+        stream = training_stream(
+            demo, demo.sources("train"), per_worker, batch_size=4, rank=rank, world_size=2, num_workers=2
+        )
+        loader = CountingLoader(stream, SkipTally(), num_workers=2)
+        batches = list(loader)
+        assert len(batches) == len(loader) == 14
+        assert all(len(b["id"]) == 4 for b in batches)
+        seen_ids.append([i for b in batches for i in b["id"]])
+    assert seen_ids[0] != seen_ids[1]  # ranks draw different samples
+
+
+def test_training_stream_is_reproducible_for_a_seed(demo):
+    def ids():
+        return [i for b in training_stream(demo, demo.sources("train"), batches=3) for i in b["id"]]
+
+    assert ids() == ids()
+
+
+def test_split_for_reader_covers_every_item_once():
+    assert split_for_reader(["a", "b", "c", "d", "e"], 1, 2) == (["b", "d"], 1, 0)
+    assert split_for_reader(["a", "b"], 3, 4) == (["a", "b"], 4, 3)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_validation_reads_each_sample_exactly_once(demo, num_workers):
+    ids = Counter()
+    for batch in eval_loader(demo, "doc", demo.val["doc"], SkipTally(), num_workers=num_workers):
+        ids.update(batch["id"])
+    assert ids == Counter({f"doc-val-{i}": 1 for i in range(20)})
+
+
+def test_validation_is_split_over_ranks_without_overlap(demo):
+    seen = []
+    for rank in (0, 1):
+        stream = SourceEvalStream("med", expand_urls(demo.train["med"]), encoder(demo), Collator(3), 16, rank, 2)
+        seen.append({i for b in CountingLoader(stream, SkipTally(), num_workers=2) for i in b["id"]})
+    assert not seen[0] & seen[1]
+    assert seen[0] | seen[1] == {f"med-train-{i}" for i in range(120)}
+
+
+@pytest.fixture()
+def http_server(demo):
+    """Serves the demo's training shard folder on 127.0.0.1."""
+
+    class QuietHandler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    directory = os.path.dirname(expand_urls(demo.train["general"])[0])
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=directory))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_streams_shards_over_http_and_skips_a_dead_url(demo, http_server):
+    urls = [f"{http_server}/general-{{000000..000002}}.tar", f"{http_server}/missing-000000.tar"]
+    tally = SkipTally()
+    with pytest.warns(RuntimeWarning, match="missing-000000.tar"):
+        ids = {i for b in eval_loader(demo, "general", urls, tally) for i in b["id"]}
+    assert ids == {f"general-train-{i}" for i in range(120)}
+    assert tally.as_dict() == {"unreadable_shard/general": 1}
+
+    stream = training_stream(demo, {"general": {"urls": urls[0], "weight": 1.0}}, batches=4)
+    assert sum(len(b["id"]) for b in CountingLoader(stream, SkipTally())) == 32
+
+
+def test_all_training_sources_dead_is_a_clear_error(demo, http_server):
+    sources = {"a": {"urls": f"{http_server}/nothing-000000.tar", "weight": 1.0}}
+    stream = training_stream(demo, sources, batches=2)
+    with pytest.warns(RuntimeWarning), pytest.raises(RuntimeError, match="no training source could be read"):
+        list(CountingLoader(stream, SkipTally()))
+
+
+def test_dead_source_is_dropped_and_the_others_continue(demo, http_server):
+    sources = {
+        "dead": {"urls": f"{http_server}/nothing-000000.tar", "weight": 5.0},
+        "general": {"urls": demo.train["general"], "weight": 1.0},
+    }
+    with pytest.warns(RuntimeWarning, match="dead"):
+        batches = list(CountingLoader(training_stream(demo, sources, batches=3), SkipTally()))
+    assert len(batches) == 3 and {s for b in batches for s in b["source"]} == {"general"}
+
+
+def test_truncated_shard_is_skipped_with_a_warning(demo, tmp_path):
+    samples = [record(i, "What is it?", f"answer {i}") for i in range(30)]
+    spec = write_source(str(tmp_path), "cut", samples)
+    path = expand_urls(spec)[0]
+    with open(path, "r+b") as handle:
+        handle.truncate(os.path.getsize(path) // 2)
+    tally = SkipTally()
+    with pytest.warns(RuntimeWarning, match="skipping the rest of shard"):
+        ids = [i for b in eval_loader(demo, "cut", spec, tally) for i in b["id"]]
+    assert 0 < len(ids) < 30 and ids == [f"r{i}" for i in range(len(ids))]
+    assert tally.as_dict() == {"unreadable_shard/cut": 1}  # no half-read sample reached the encoder
+
+
+def bad_samples() -> list[dict]:
+    """One good sample, then one sample per bad kind, then another good one."""
+    good = record(0, "What is it?", "a cat")
+    bad_json = {"__key__": "000000001", "json": b"{not json", "png": image_bytes()}
+    missing_image = record(2, "What is it?", "x")
+    del missing_image["png"]
+    corrupt_image = record(3, "What is it?", "x")
+    corrupt_image["png"] = b"\x89PNG broken"
+    no_assistant = {"__key__": "000000004", "json": json.dumps({"conversations": [{"from": "human", "value": "q"}]})}
+    wrong_roles = {
+        "__key__": "000000005",
+        "json": json.dumps({"conversations": [{"from": "human", "value": "q"}, {"from": "bot", "value": "a"}]}),
+    }
+    empty_text = record(6, "What is it?", "")
+    long_first_turn = {
+        "__key__": "000000007",
+        "json": json.dumps(
+            {
+                "conversations": [
+                    {"from": "human", "value": "tell me " * 40},
+                    {"from": "gpt", "value": "ok"},
+                    {"from": "human", "value": "<image>\nAnd this?"},
+                    {"from": "gpt", "value": "a dog"},
+                ]
+            }
+        ),
+        "png": image_bytes(),
+    }
+    return [
+        good,
+        bad_json,
+        missing_image,
+        corrupt_image,
+        no_assistant,
+        wrong_roles,
+        empty_text,
+        long_first_turn,
+        record(8, "What is it?", "a bird"),
+    ]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_each_bad_sample_kind_is_skipped_and_counted_per_source(demo, tmp_path, num_workers):
+    spec = write_source(str(tmp_path), "bad", bad_samples(), maxcount=5)  # two shards: both workers read one
+    tally = SkipTally()
+    batches = list(eval_loader(demo, "bad", spec, tally, num_workers=num_workers, batch_size=1, max_length=80))
+    assert sorted(i for b in batches for i in b["id"]) == ["r0", "r8"]
+    assert tally.as_dict() == {
+        "bad_json/bad": 1,
+        "missing_image/bad": 1,
+        "corrupt_image/bad": 1,
+        "no_assistant_turn/bad": 1,
+        "wrong_roles/bad": 1,
+        "empty_text/bad": 1,
+        "image_tokens_truncated/bad": 1,
+    }
+
+
+def test_skip_counts_travel_with_training_batches_from_workers(demo, tmp_path):
+    spec = write_source(str(tmp_path), "bad", bad_samples(), maxcount=5)
+    stream = training_stream(demo, {"bad": {"urls": spec, "weight": 1.0}}, batches=3, batch_size=2, num_workers=2)
+    stream.encoder = encoder(demo, max_length=80)
+    tally = SkipTally()
+    batches = list(CountingLoader(stream, tally, num_workers=2))
+    assert len(batches) == 6 and all("skipped" not in b for b in batches)
+    counts = tally.as_dict()
+    # Bad and good samples are drawn 7:2, so at least 12 good samples imply several skips of each worker's kinds.
+    assert sum(counts.values()) >= 12 and set(counts) <= {
+        "bad_json/bad",
+        "missing_image/bad",
+        "corrupt_image/bad",
+        "no_assistant_turn/bad",
+        "wrong_roles/bad",
+        "empty_text/bad",
+        "image_tokens_truncated/bad",
+    }
