@@ -103,11 +103,16 @@ class LoRALinear(_FrozenLinearBase):
 
 
 def experts_loop(
-    x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, decision: RoutingDecision, scaling: float
+    base: torch.Tensor,
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    decision: RoutingDecision,
+    scaling: float,
 ) -> torch.Tensor:
-    """Reference: per expert, gather its tokens, (x A_e) * coeff * scaling, times B_e, scatter-add. (T, d_out)."""
+    """Reference: per expert, gather its tokens, (x A_e) * coeff * scaling, times B_e, add to their base rows."""
     num_tokens = x.shape[0]
-    out = x.new_zeros(num_tokens, lora_b.shape[-1])
+    out = base
     coeff = decision.coeff.to(x.dtype) * scaling  # (T, K)
     for e in range(lora_a.shape[0]):
         if decision.dense:
@@ -116,19 +121,25 @@ def experts_loop(
             idx = torch.nonzero(decision.expert == e, as_tuple=True)[0]  # (T_e,)
         h = x.index_select(0, idx) @ lora_a[e]  # (T_e, r)
         h = h * coeff.index_select(0, idx)[:, e : e + 1]
-        out = out.index_add(0, idx, h @ lora_b[e])
+        out = out.index_add(0, idx, (h @ lora_b[e]).to(out.dtype))
     return out
 
 
 def experts_dense_masked(
-    x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, decision: RoutingDecision, scaling: float
+    base: torch.Tensor,
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    decision: RoutingDecision,
+    scaling: float,
 ) -> torch.Tensor:
-    """All experts' A in one matmul, rank-r intermediate masked by coeff, one matmul with stacked B. (T, d_out)."""
+    """All experts' A in one matmul, rank-r intermediate masked by coeff, one matmul with stacked B, fused add."""
     num_experts, d_in, rank = lora_a.shape
     a_cat = lora_a.permute(1, 0, 2).reshape(d_in, num_experts * rank)  # (d_in, K*r)
     h = (x @ a_cat).view(-1, num_experts, rank)  # (T, K, r)
     h = h * (decision.coeff.to(x.dtype) * scaling).unsqueeze(-1)  # (T, K, r)
-    return h.reshape(-1, num_experts * rank) @ lora_b.reshape(num_experts * rank, -1)  # (T, d_out)
+    b_cat = lora_b.reshape(num_experts * rank, -1)  # (K*r, d_out)
+    return torch.addmm(base, h.reshape(-1, num_experts * rank).to(base.dtype), b_cat.to(base.dtype))  # (T, d_out)
 
 
 def grouped_mm_supported(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor) -> bool:
@@ -139,12 +150,40 @@ def grouped_mm_supported(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Te
     return all((n * size) % 16 == 0 for n in (lora_a.shape[1], lora_a.shape[2], lora_b.shape[2]))
 
 
+class _PermuteRows(torch.autograd.Function):
+    """rows of x reordered by a permutation; backward gathers with the inverse permutation.
+
+    Autograd's own backward of ``index_select`` is a scatter-add, which is much slower than a gather on CPU and is
+    not needed when the index is a permutation.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, order)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
+def permute_rows(x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """``x[order]`` for a permutation ``order`` whose inverse is ``inverse`` (gather in both directions)."""
+    return _PermuteRows.apply(x, order, inverse)
+
+
 def experts_grouped(
-    x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, decision: RoutingDecision, scaling: float
+    base: torch.Tensor,
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    decision: RoutingDecision,
+    scaling: float,
 ) -> torch.Tensor:
-    """Tokens sorted by expert (once per MLP), two ``grouped_mm`` calls, unsorted. (T, d_out)."""
+    """Tokens sorted by expert (once per MLP), two ``grouped_mm`` calls, unsorted and added to the base rows."""
     if decision.dense:
-        return experts_dense_masked(x, lora_a, lora_b, decision, scaling)
+        return experts_dense_masked(base, x, lora_a, lora_b, decision, scaling)
     if not grouped_mm_supported(x, lora_a, lora_b):
         raise ValueError(
             "impl='grouped' needs torch.nn.functional.grouped_mm (torch >= 2.10) and rank, d_in and d_out whose "
@@ -152,34 +191,39 @@ def experts_grouped(
             f"d_out={lora_b.shape[2]} in {x.dtype}. Use impl='auto' or 'dense_masked'."
         )
     order, offsets, inverse = decision.sorted_by_expert()
-    x_sorted = x.index_select(0, order)  # (T, d_in), grouped by expert
+    x_sorted = permute_rows(x, order, inverse)  # (T, d_in), grouped by expert
     h = F.grouped_mm(x_sorted, lora_a, offs=offsets)  # (T, r)
-    h = h * (decision.chosen_coeff().to(x.dtype) * scaling).index_select(0, order).unsqueeze(-1)
-    y = F.grouped_mm(h, lora_b, offs=offsets)  # (T, d_out)
-    return y.index_select(0, inverse)
+    h = h * permute_rows(decision.chosen_coeff().to(x.dtype) * scaling, order, inverse).unsqueeze(-1)
+    y = F.grouped_mm(h, lora_b, offs=offsets)  # (T, d_out), every row written since offsets[-1] == T
+    return base.add_(permute_rows(y, inverse, order).to(base.dtype))  # base is not saved for backward
 
 
 EXPERT_IMPLS = {"loop": experts_loop, "dense_masked": experts_dense_masked, "grouped": experts_grouped}
 
 
+AUTO_DENSE_MAX_STACKED_RANK = 128
+"""On CUDA, ``impl="auto"`` uses the dense masked path while K * r is at most this (memory-bound there, so it costs
+about plain LoRA); see docs/benchmarks.md for the measurements behind it."""
+
+
 def select_impl(impl: str, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, dense: bool) -> str:
-    """Resolve ``"auto"``: the dense masked path when the stacked rank K*r is small or the mixture is dense, the
-    grouped path on large K*r where ``grouped_mm`` is available for the shapes, else dense masked."""
+    """Resolve ``"auto"`` for these operands.
+
+    Dense mixtures and shapes ``grouped_mm`` cannot take use the dense masked path. On CPU the grouped path wins
+    (compute-bound: the dense path pays K times the adapter FLOPs). On CUDA the grouped path is used only where
+    ``grouped_mm`` has its fast kernel (bf16 on sm90+) and K * r is large; elsewhere the dense masked path.
+    """
     if impl != "auto":
         return impl
-    num_experts, _, rank = lora_a.shape
-    if dense or num_experts * rank <= AUTO_DENSE_MAX_STACKED_RANK or not grouped_mm_supported(x, lora_a, lora_b):
+    if dense or not grouped_mm_supported(x, lora_a, lora_b):
         return "dense_masked"
     if x.device.type == "cuda":
+        num_experts, _, rank = lora_a.shape
         major, _ = torch.cuda.get_device_capability(x.device)
-        if major < 9 or x.dtype not in (torch.bfloat16,):
+        fast_grouped = major >= 9 and x.dtype == torch.bfloat16
+        if not fast_grouped or num_experts * rank <= AUTO_DENSE_MAX_STACKED_RANK:
             return "dense_masked"
     return "grouped"
-
-
-AUTO_DENSE_MAX_STACKED_RANK = 128
-"""``impl="auto"`` uses the dense masked path while K * r is at most this (it is memory-bound and near plain-LoRA
-cost there on GPU); see docs/benchmarks.md for the measurements behind it."""
 
 
 class MoLELinear(_FrozenLinearBase):
@@ -247,5 +291,5 @@ class MoLELinear(_FrozenLinearBase):
         base = self.base_forward(x2d)  # (T, d_out)
         xa = self.lora_dropout(x2d).to(self.lora_A.dtype)
         impl = select_impl(self.impl, xa, self.lora_A, self.lora_B, decision.dense)
-        delta = EXPERT_IMPLS[impl](xa, self.lora_A, self.lora_B, decision, self.scaling)  # (T, d_out)
-        return (base + delta.to(base.dtype)).reshape(*leading, self.out_features)
+        out = EXPERT_IMPLS[impl](base, xa, self.lora_A, self.lora_B, decision, self.scaling)  # (T, d_out)
+        return out.reshape(*leading, self.out_features)
