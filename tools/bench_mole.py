@@ -28,6 +28,7 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
 
 from mole_lightning.peft import MoLEConfig, MoLELinear, apply_mole
+from mole_lightning.peft.layers import select_impl
 
 ROUTINGS = ("balanced", "skewed", "one_expert")
 
@@ -54,11 +55,12 @@ def make_mlp(hidden: int, ffn: int, device: torch.device, dtype: torch.dtype, se
 
 
 def randomize_b(model: nn.Module) -> None:
-    """Non-zero B so timings include real values (zeros could take fast paths)."""
+    """Non-zero B so timings include real values (zeros could take fast paths); seeded, same in every variant."""
+    gen = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name or "lora_b" in name.lower():
-                p.normal_(0, 0.02)
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
 
 
 def set_routing(model: nn.Module, routing: str) -> None:
@@ -93,9 +95,13 @@ def build_variants(base: nn.Module, num_experts: int, rank: int, routing: str, w
         variants[f"lora_r{matched}"] = apply_mole(
             copy.deepcopy(base), MoLEConfig(num_experts=1, rank=matched, alpha=2.0 * matched)
         )
-        for impl in ("loop", "dense_masked", "grouped", "auto"):
-            cfg = MoLEConfig(num_experts=num_experts, rank=rank, alpha=2.0 * rank, impl=impl)
-            variants[f"mole_{impl}"] = apply_mole(copy.deepcopy(base), cfg)
+        cfg = MoLEConfig(num_experts=num_experts, rank=rank, alpha=2.0 * rank, impl="loop")
+        mole = apply_mole(copy.deepcopy(base), cfg)
+        for impl in ("loop", "dense_masked", "grouped", "auto"):  # identical weights, only the compute path differs
+            variants[f"mole_{impl}"] = copy.deepcopy(mole)
+            for module in variants[f"mole_{impl}"].modules():
+                if isinstance(module, MoLELinear):
+                    module.impl = impl
         variants["soft_dense"] = apply_mole(
             copy.deepcopy(base), MoLEConfig(num_experts=num_experts, rank=rank, alpha=2.0 * rank, gate="soft")
         )
@@ -194,6 +200,33 @@ def decode_steps(variants: dict[str, nn.Module], x: torch.Tensor):
     return {name: make(model) for name, model in variants.items()}
 
 
+def resolved_auto_impl(model: nn.Module, x: torch.Tensor) -> str:
+    """The compute path ``impl="auto"`` picks for the block's first projection and these inputs."""
+    proj = next(m for m in model.modules() if isinstance(m, MoLELinear))
+    return select_impl("auto", x, proj.lora_A, proj.lora_B, dense=False)
+
+
+def check_impls_agree(variants: dict[str, nn.Module], x: torch.Tensor, grad_out: torch.Tensor) -> str:
+    """Largest deviation of each MoLE impl from the loop reference (outputs and input grads), relative to scale."""
+    if "mole_loop" not in variants:
+        return ""
+    outputs = {}
+    for name in ("mole_loop", "mole_dense_masked", "mole_grouped", "mole_auto"):
+        inp = x.detach().requires_grad_(True)
+        out = variants[name](inp)
+        out.backward(grad_out)
+        outputs[name] = (out.detach().float(), inp.grad.float())
+        for p in variants[name].parameters():
+            p.grad = None
+    ref_out, ref_grad = outputs.pop("mole_loop")
+    parts = []
+    for name, (out, grad) in outputs.items():
+        dev_out = ((out - ref_out).abs().max() / ref_out.abs().max()).item()
+        dev_grad = ((grad - ref_grad).abs().max() / ref_grad.abs().max()).item()
+        parts.append(f"{name}: out {dev_out:.1e}, grad {dev_grad:.1e}")
+    return "max |impl - loop| / max |loop|: " + "; ".join(parts)
+
+
 def print_results(title: str, results: list[Result]) -> None:
     print(f"\n### {title}")
     print("| variant | median ms | p10–p90 ms | × plain LoRA | saved act. MiB | peak MiB |")
@@ -247,9 +280,13 @@ def main() -> None:
             for routing in args.routings if k > 1 else ["-"]:
                 variants = build_variants(base, k, rank, routing if k > 1 else "balanced", not args.no_peft)
                 group = f"train K={k} r={rank} routing={routing}"
+                agreement = check_impls_agree(variants, x, grad_out)
                 results = time_group(group, training_steps(variants, x, grad_out), device, args.repeats, iters)
-                chosen = {m.impl for m in variants.get("mole_auto", nn.Module()).modules() if isinstance(m, MoLELinear)}
-                print_results(group + (f" (auto resolves per call; configured {chosen})" if chosen else ""), results)
+                if "mole_auto" in variants:
+                    print(f"auto resolves to: {resolved_auto_impl(variants['mole_auto'], x)}")
+                print_results(group, results)
+                if agreement:
+                    print(agreement)
                 everything += results
     decode_k = 3 if 3 in args.experts else max(args.experts)
     decode_r = 32 if 32 in args.ranks else args.ranks[0]

@@ -182,3 +182,15 @@ def test_bf16_base_runs_and_keeps_dtype():
     mlp = adapted_mlp(3).to(torch.bfloat16)
     out = mlp(torch.randn(2, 5, 16, dtype=torch.bfloat16))
     assert out.dtype == torch.bfloat16 and out.shape == (2, 5, 16)
+
+
+def test_grouped_matches_loop_in_bf16():
+    reference = adapted_mlp(num_experts=3, rank=8).to(torch.bfloat16)
+    set_routing(reference, "skewed")
+    x = torch.randn(2, 9, 16, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    ref_out, ref_xgrad, ref_grads = run_with_grads(set_impl(copy.deepcopy(reference), "loop"), x)
+    out, xgrad, grads = run_with_grads(set_impl(copy.deepcopy(reference), "grouped"), x)
+    torch.testing.assert_close(out, ref_out, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(xgrad, ref_xgrad, rtol=2e-2, atol=2e-2)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=3e-2, atol=3e-2, msg=name)

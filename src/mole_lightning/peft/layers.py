@@ -150,27 +150,38 @@ def grouped_mm_supported(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Te
     return all((n * size) % 16 == 0 for n in (lora_a.shape[1], lora_a.shape[2], lora_b.shape[2]))
 
 
-class _PermuteRows(torch.autograd.Function):
-    """rows of x reordered by a permutation; backward gathers with the inverse permutation.
+class _GroupedExperts(torch.autograd.Function):
+    """Routed LoRA experts on tokens sorted by expert, with a hand-written backward.
 
-    Autograd's own backward of ``index_select`` is a scatter-add, which is much slower than a gather on CPU and is
-    not needed when the index is a permutation.
+    Forward, with ``s`` the sort order and ``offsets`` the cumulative group ends::
+
+        h = grouped_mm(x[s], A)            # (T, r), token t uses A of its expert
+        y = grouped_mm(h * c[s], B)[s^-1]  # (T, d_out)
+
+    Backward saves only x (already kept by the caller's graph), the rank-r ``h`` and the small routing tensors, and
+    re-gathers ``x[s]`` instead of keeping a sorted copy: no extra (T, d_in) activation per projection, and every
+    permutation is a gather (autograd's own backward of a gather is a much slower scatter-add on CPU).
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(inverse)
-        return x.index_select(0, order)
+    def forward(ctx, x, lora_a, lora_b, coeff, order, inverse, offsets):
+        h = F.grouped_mm(x.index_select(0, order), lora_a, offs=offsets)  # (T, r)
+        coeff_sorted = coeff.index_select(0, order).unsqueeze(-1)  # (T, 1)
+        y = F.grouped_mm(h * coeff_sorted, lora_b, offs=offsets)  # (T, d_out), all rows written: offsets[-1] == T
+        ctx.save_for_backward(x, lora_a, lora_b, h, coeff_sorted, order, inverse, offsets)
+        return y.index_select(0, inverse)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (inverse,) = ctx.saved_tensors
-        return grad.index_select(0, inverse), None, None
-
-
-def permute_rows(x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-    """``x[order]`` for a permutation ``order`` whose inverse is ``inverse`` (gather in both directions)."""
-    return _PermuteRows.apply(x, order, inverse)
+    def backward(ctx, grad_y):
+        x, lora_a, lora_b, h, coeff_sorted, order, inverse, offsets = ctx.saved_tensors
+        grad_y_sorted = grad_y.index_select(0, order)  # (T, d_out)
+        grad_lora_b = F.grouped_mm((h * coeff_sorted).t(), grad_y_sorted, offs=offsets)  # (K, r, d_out)
+        grad_hc = F.grouped_mm(grad_y_sorted, lora_b.transpose(1, 2).contiguous(), offs=offsets)  # (T, r)
+        grad_coeff = (grad_hc * h).sum(-1).index_select(0, inverse)  # (T,)
+        grad_h = grad_hc * coeff_sorted  # (T, r)
+        grad_lora_a = F.grouped_mm(x.index_select(0, order).t(), grad_h, offs=offsets)  # (K, d_in, r)
+        grad_x = F.grouped_mm(grad_h, lora_a.transpose(1, 2).contiguous(), offs=offsets).index_select(0, inverse)
+        return grad_x, grad_lora_a, grad_lora_b, grad_coeff, None, None, None
 
 
 def experts_grouped(
@@ -191,11 +202,9 @@ def experts_grouped(
             f"d_out={lora_b.shape[2]} in {x.dtype}. Use impl='auto' or 'dense_masked'."
         )
     order, offsets, inverse = decision.sorted_by_expert()
-    x_sorted = permute_rows(x, order, inverse)  # (T, d_in), grouped by expert
-    h = F.grouped_mm(x_sorted, lora_a, offs=offsets)  # (T, r)
-    h = h * permute_rows(decision.chosen_coeff().to(x.dtype) * scaling, order, inverse).unsqueeze(-1)
-    y = F.grouped_mm(h, lora_b, offs=offsets)  # (T, d_out), every row written since offsets[-1] == T
-    return base.add_(permute_rows(y, inverse, order).to(base.dtype))  # base is not saved for backward
+    coeff = decision.chosen_coeff().to(x.dtype) * scaling  # (T,)
+    y = _GroupedExperts.apply(x, lora_a, lora_b, coeff, order, inverse, offsets)  # (T, d_out)
+    return base.add_(y.to(base.dtype))  # base is not saved for backward
 
 
 EXPERT_IMPLS = {"loop": experts_loop, "dense_masked": experts_dense_masked, "grouped": experts_grouped}
