@@ -1,0 +1,386 @@
+"""``GenerationEvalCallback``: greedy-decoding benchmark evaluation per source during fit, validate and test.
+
+Every ``every_n_steps`` optimizer steps, at the end of training, and in ``trainer.validate`` / ``trainer.test``, the
+callback takes at most ``max_samples_per_source`` samples of each validation source from
+``trainer.datamodule.generation_dataloaders()`` (prompt-only, left-padded batches with ``answers`` and ``task``),
+generates answers greedily with ``pl_module.model.generate`` and scores them with
+:class:`~mole_lightning.eval.metrics.SourceTaskMetrics` (synchronized across ranks). It logs, under ``prefix``:
+
+* scalars ``<prefix>/<source>/<task>/<metric>``, ``<prefix>/<source>/score``, ``<prefix>/overall/...`` and
+  ``<prefix>/best/<monitor>``; they are also put into ``trainer.callback_metrics`` so a ``ModelCheckpoint`` placed
+  after this callback can monitor e.g. ``gen_eval/overall/score``;
+* a Markdown text table of example generations per source (TensorBoard ``add_text``);
+* with ``log_routing``, the routing of the prompt tokens: MI(source; expert) per layer and heatmaps
+  (:mod:`mole_lightning.eval.routing`).
+
+The best value of ``monitor`` and its step are kept (and saved with checkpoints).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+
+from mole_lightning.eval.metrics import PRIMARY_METRIC, TASKS, SourceTaskMetrics
+from mole_lightning.eval.routing import RoutingAccumulator, RoutingCounts, log_routing_to_tensorboard
+
+
+def take_rows(batch: dict[str, Any], count: int) -> dict[str, Any]:
+    """The first ``count`` samples of a collated batch (``pixel_values`` keeps the images of those samples only)."""
+    size = len(batch["input_ids"])
+    if count >= size:
+        return batch
+    out: dict[str, Any] = {}
+    has_image = batch.get("has_image")
+    for key, value in batch.items():
+        if key == "pixel_values":
+            if value is None or has_image is None:
+                out[key] = value
+            else:
+                images = int(has_image[:count].sum())
+                out[key] = value[:images] if images else None
+        elif isinstance(value, (torch.Tensor, list, tuple)) and len(value) == size:
+            out[key] = value[:count]
+        else:
+            out[key] = value
+    return out
+
+
+def resolve_model(pl_module: pl.LightningModule) -> Any:
+    """The object with ``generate``: ``pl_module.model`` if it has one, else the LightningModule itself."""
+    model = getattr(pl_module, "model", None)
+    if model is not None and hasattr(model, "generate"):
+        return model
+    if hasattr(pl_module, "generate"):
+        return pl_module
+    raise AttributeError(
+        "GenerationEvalCallback needs `pl_module.model.generate` (a LlavaMoLE) or `pl_module.generate`"
+    )
+
+
+@torch.no_grad()
+def generate_answers(
+    model: Any, batch: dict[str, Any], tokenizer: Any, max_new_tokens: int = 32, **generation_kwargs: Any
+) -> list[str]:
+    """Greedy answers for a generation batch (prompt ids left-padded), decoded without special tokens and stripped.
+
+    Args:
+        model: A :class:`~mole_lightning.models.LlavaMoLE` (or anything with its ``generate`` signature).
+        batch: Batch with ``input_ids``, ``attention_mask``, ``pixel_values``, ``has_image`` on the model's device.
+        tokenizer: Tokenizer for decoding (its pad/eos ids are passed to ``generate``).
+        max_new_tokens: Maximum generated tokens.
+        **generation_kwargs: Other ``generate`` options (override the greedy defaults).
+
+    Returns:
+        One answer per sample.
+    """
+    kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": False, "num_beams": 1}
+    for name in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            kwargs[name] = value
+    kwargs.update(generation_kwargs)
+    output = model.generate(
+        batch.get("pixel_values"),
+        batch["input_ids"],
+        batch.get("attention_mask"),
+        has_image=batch.get("has_image"),
+        **kwargs,
+    )
+    new_tokens = output[:, batch["input_ids"].shape[1] :]
+    return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+def _escape(text: Any, limit: int = 160) -> str:
+    text = " ".join(str(text).split())
+    if len(text) > limit:
+        text = text[: limit - 1] + "…"
+    return text.replace("|", "\\|")
+
+
+def examples_table(examples: list[dict[str, Any]]) -> str:
+    """Markdown table of example generations: source, task, question, answers, prediction, score."""
+    lines = ["| source | task | question | answers | prediction | score |", "|---|---|---|---|---|---|"]
+    for ex in examples:
+        answers = " / ".join(str(a) for a in ex["answers"])
+        lines.append(
+            f"| {_escape(ex['source'])} | {ex['task'] or '-'} | {_escape(ex['question'])} | {_escape(answers)} | "
+            f"{_escape(ex['prediction'])} | {ex['score']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def metric_table(results: dict[str, float], sources: list[str] | None = None) -> str:
+    """Plain-text table of per-source results: samples, score and each task's primary metric (``-``: no sample).
+
+    Args:
+        results: Output of :meth:`SourceTaskMetrics.compute` (without prefix).
+        sources: Row order (default: every source found in ``results``); ``overall`` is appended.
+    """
+    if sources is None:
+        sources = sorted({key.split("/")[0] for key in results if key.endswith("/score")} - {"overall"})
+    tasks = [t for t in TASKS if any(key.endswith(f"/{t}/count") for key in results)]
+    header = ["source", "samples", "score", *[f"{t}:{PRIMARY_METRIC[t]}" for t in tasks]]
+    rows = []
+    for source in [*sources, "overall"]:
+        count = results.get(f"{source}/count")
+        score = results.get(f"{source}/score")
+        row = [source, "-" if count is None else str(int(count)), "-" if score is None else f"{score:.3f}"]
+        for task in tasks:
+            value = results.get(f"{source}/{task}/{PRIMARY_METRIC[task]}")
+            row.append("-" if value is None else f"{value:.3f}")
+        rows.append(row)
+    widths = [max(len(header[i]), *(len(r[i]) for r in rows)) for i in range(len(header))]
+    fmt = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
+    return "\n".join([fmt.format(*header), *(fmt.format(*row) for row in rows)])
+
+
+class GenerationEvalCallback(Callback):
+    """Generates answers for a bounded number of validation samples per source and logs benchmark metrics.
+
+    Needs a DataModule with ``generation_dataloaders()`` (``{source: loader}``, e.g.
+    :class:`~mole_lightning.data.MixedInstructionDataModule`) and a LightningModule with a ``model`` attribute whose
+    ``generate(pixel_values, input_ids, attention_mask, has_image=..., **kwargs)`` returns prompt + new ids and whose
+    ``tokenizer`` decodes them (the DataModule's tokenizer is used otherwise).
+
+    Args:
+        every_n_steps: Evaluate every this many optimizer steps during fit (0 or ``None``: only at the end).
+        max_samples_per_source: Samples generated per source and evaluation, over all ranks.
+        max_new_tokens: Maximum generated tokens per answer.
+        num_examples: Example generations per source in the logged text table.
+        monitor: Metric (without prefix) whose best value is tracked, e.g. ``overall/score`` or
+            ``med/yesno/f1``.
+        mode: ``"max"`` or ``"min"``.
+        prefix: Prefix of every logged name.
+        at_train_end: Evaluate once more when training ends (skipped if the last step was just evaluated).
+        on_validate: Evaluate at the end of ``trainer.validate``.
+        on_test: Evaluate at the end of ``trainer.test`` (on the DataModule's generation loaders).
+        log_routing: Count the routing of the prompt tokens and log MI(source; expert) per layer and heatmaps.
+        routing_figures: Add routing heatmap figures to TensorBoard (with ``log_routing``).
+        print_table: Print the per-source metric table on rank 0 after each evaluation.
+        generation_kwargs: Extra ``generate`` options (e.g. ``{"repetition_penalty": 1.0}``); greedy by default.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int | None = 500,
+        max_samples_per_source: int = 64,
+        max_new_tokens: int = 32,
+        num_examples: int = 3,
+        monitor: str = "overall/score",
+        mode: str = "max",
+        prefix: str = "gen_eval",
+        at_train_end: bool = True,
+        on_validate: bool = True,
+        on_test: bool = True,
+        log_routing: bool = True,
+        routing_figures: bool = True,
+        print_table: bool = False,
+        generation_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if mode not in ("max", "min"):
+            raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
+        if max_samples_per_source < 1:
+            raise ValueError("max_samples_per_source must be >= 1")
+        self.every_n_steps = every_n_steps or 0
+        self.max_samples_per_source = max_samples_per_source
+        self.max_new_tokens = max_new_tokens
+        self.num_examples = num_examples
+        self.monitor = monitor
+        self.mode = mode
+        self.prefix = prefix
+        self.at_train_end = at_train_end
+        self.on_validate = on_validate
+        self.on_test = on_test
+        self.log_routing = log_routing
+        self.routing_figures = routing_figures
+        self.print_table = print_table
+        self.generation_kwargs = dict(generation_kwargs or {})
+        self.best_score: float | None = None
+        self.best_step: int | None = None
+        self.last_results: dict[str, float] = {}
+        self.last_examples: list[dict[str, Any]] = []
+        self.last_routing: RoutingCounts | None = None
+        self.last_table: str = ""
+        self._last_step: int | None = None
+        self._warned = False
+
+    # ---------------------------------------------------------------------------------------------------- hooks
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+            self._evaluate_and_log(trainer, pl_module, use_module_log=False)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.at_train_end and trainer.global_step != self._last_step:
+            self._evaluate_and_log(trainer, pl_module, use_module_log=False)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.on_validate and trainer.state.fn == "validate" and not trainer.sanity_checking:
+            self._evaluate_and_log(trainer, pl_module, use_module_log=True)
+
+    def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.on_test:
+            self._evaluate_and_log(trainer, pl_module, use_module_log=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best_score": self.best_score, "best_step": self.best_step, "last_step": self._last_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.best_score = state_dict.get("best_score")
+        self.best_step = state_dict.get("best_step")
+        self._last_step = state_dict.get("last_step")
+
+    # ---------------------------------------------------------------------------------------------------- work
+    def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
+        """Runs one evaluation and returns the metrics without prefix (empty without generation loaders).
+
+        Also fills :attr:`last_examples` (this rank's first ``num_examples`` per source) and :attr:`last_routing`.
+        """
+        datamodule = getattr(trainer, "datamodule", None)
+        if datamodule is None or not hasattr(datamodule, "generation_dataloaders"):
+            if not self._warned:
+                warnings.warn(
+                    "GenerationEvalCallback: the DataModule has no generation_dataloaders(); skipping", stacklevel=2
+                )
+                self._warned = True
+            return {}
+        loaders = datamodule.generation_dataloaders()
+        if not loaders:
+            return {}
+        model = resolve_model(pl_module)
+        tokenizer = getattr(model, "tokenizer", None) or datamodule.tokenizer
+        sources = list(loaders)
+        device = pl_module.device
+        per_rank = math.ceil(self.max_samples_per_source / max(1, trainer.world_size))
+        metrics = SourceTaskMetrics(sources=sources).to(device)
+        accumulator = None
+        if self.log_routing:
+            try:
+                accumulator = RoutingAccumulator(model, sources)
+            except ValueError:
+                accumulator = None
+        image_token_id = getattr(model, "image_token_id", None)
+        modes = {module: module.training for module in model.modules()}
+        model.eval()
+        examples: list[dict[str, Any]] = []
+        try:
+            with accumulator if accumulator is not None else _null():
+                for source, loader in loaders.items():
+                    seen = 0
+                    for batch in loader:
+                        if seen >= per_rank:
+                            break
+                        batch = take_rows(batch, per_rank - seen)
+                        seen += len(batch["input_ids"])
+                        batch = _to_device(batch, device)
+                        if accumulator is not None:
+                            mask = batch["input_ids"] == image_token_id if image_token_id is not None else None
+                            accumulator.set_batch(source, mask)
+                        with trainer.precision_plugin.predict_step_context():
+                            predictions = generate_answers(
+                                model, batch, tokenizer, self.max_new_tokens, **self.generation_kwargs
+                            )
+                        tasks = list(batch.get("task") or [None] * len(predictions))
+                        options = batch.get("options")
+                        scores = metrics.update(
+                            [source] * len(predictions), tasks, predictions, batch["answers"], options
+                        )
+                        for i in range(len(predictions)):
+                            if sum(ex["source"] == source for ex in examples) >= self.num_examples:
+                                break
+                            examples.append(
+                                {
+                                    "source": source,
+                                    "id": batch["id"][i] if "id" in batch else "",
+                                    "task": tasks[i],
+                                    "question": batch.get("question", [""] * len(predictions))[i],
+                                    "answers": list(batch["answers"][i]),
+                                    "prediction": predictions[i],
+                                    "score": scores[i],
+                                }
+                            )
+        finally:
+            for module, training in modes.items():
+                module.training = training
+        results = metrics.compute()
+        self.last_examples = examples
+        self.last_routing = accumulator.result().all_reduce() if accumulator is not None else None
+        return results
+
+    def _evaluate_and_log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, use_module_log: bool) -> None:
+        step = trainer.global_step
+        results = self.evaluate(trainer, pl_module)
+        self._last_step = step
+        if not results:
+            return
+        self.last_results = results
+        value = results.get(self.monitor)
+        if value is not None and value == value:
+            better = self.best_score is None or (
+                value > self.best_score if self.mode == "max" else value < self.best_score
+            )
+            if better:
+                self.best_score, self.best_step = float(value), step
+        logged = {f"{self.prefix}/{key}": float(val) for key, val in results.items()}
+        if self.best_score is not None:
+            logged[f"{self.prefix}/best/{self.monitor}"] = self.best_score
+        for key, val in logged.items():
+            trainer.callback_metrics[key] = torch.tensor(val)
+        if use_module_log:
+            pl_module.log_dict(logged, on_step=False, on_epoch=True, sync_dist=False, batch_size=1)
+        elif trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(logged, step=step)
+        self.last_table = metric_table(results, [s for s in self._sources(results)])
+        if trainer.is_global_zero:
+            experiment = _tensorboard(trainer)
+            if experiment is not None:
+                experiment.add_text(f"{self.prefix}/examples", examples_table(self.last_examples), step)
+                experiment.add_text(f"{self.prefix}/metrics", "```\n" + self.last_table + "\n```", step)
+                if self.last_routing is not None:
+                    log_routing_to_tensorboard(
+                        experiment, self.last_routing, step, f"{self.prefix}/routing", figures=self.routing_figures
+                    )
+            if self.print_table:
+                rank_zero_info(f"[{self.prefix}] step {step}\n{self.last_table}")
+
+    @staticmethod
+    def _sources(results: dict[str, float]) -> list[str]:
+        seen: list[str] = []
+        for key in results:
+            name = key.split("/")[0]
+            if name != "overall" and key.endswith("/score") and name not in seen:
+                seen.append(name)
+        return seen
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc_info: object) -> None:
+        return None
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _tensorboard(trainer: pl.Trainer) -> Any:
+    """The ``SummaryWriter`` of the first TensorBoard logger, or ``None``."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            return logger.experiment
+    return None
