@@ -239,6 +239,23 @@ def print_results(title: str, results: list[Result]) -> None:
         )
 
 
+SUMMARY_COLUMNS = ("base", "peft_lora", "lora_matched", "mole_loop", "mole_dense_masked", "mole_grouped", "mole_auto")
+
+
+def summary_table(results: list[Result]) -> str:
+    """One row per group: every variant's median time as a ratio to plain LoRA (lora_matched = rank K*r)."""
+    groups: dict[str, dict[str, float]] = {}
+    for r in results:
+        name = "lora_matched" if r.variant.startswith("lora_r") else r.variant
+        groups.setdefault(r.group, {})[name] = r.ratio_to_lora
+    columns = (*SUMMARY_COLUMNS, "soft_dense")
+    lines = ["| group | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for group, ratios in groups.items():
+        cells = [f"{ratios[c]:.2f}" if c in ratios else "–" for c in columns]
+        lines.append(f"| {group} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -297,6 +314,8 @@ def main() -> None:
         results = time_group(group, decode_steps(variants, xt), device, args.repeats, 20 * iters, forward_only=True)
         print_results(group, results)
         everything += results
+    print("\n### Summary: median time / plain-LoRA median time")
+    print(summary_table(everything))
     if args.json:
         with open(args.json, "w") as f:
             json.dump([r.__dict__ for r in everything], f, indent=1)
