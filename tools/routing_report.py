@@ -1,0 +1,232 @@
+"""Routing report: how the tokens of each validation source are routed to the experts of every MoLE layer.
+
+Usage::
+
+    python tools/routing_report.py --adapter runs/demo/adapter --tokenizer data/demo/tokenizer \
+        --val general=data/demo/val/general-000000.tar --val doc=data/demo/val/doc-000000.tar --out report/
+    python tools/routing_report.py --ckpt runs/demo/checkpoints/last.ckpt --preset tiny --seed 0 ... --out report/
+
+The model is the ``--preset`` (any ``build_preset`` argument via ``--model-kwargs '{"llm_path": ...}'``) with the
+trained tensors of an exported adapter (``save_adapters`` directory) or of a Lightning checkpoint (its
+``state_dict`` entries named ``model.<parameter>``; every trainable parameter must be there). A preset with a
+random base (``tiny``) is rebuilt with ``--seed`` (the training module's ``model_seed``), as the checkpoint holds
+only the trained tensors.
+
+For at most ``--max-samples`` samples per source, full conversations (prompt and answer, as in training) are run
+through the model and every valid token's expert is counted per layer, split into image and text tokens. Written
+to ``--out``:
+
+* ``routing_fractions.csv`` -- ``layer, token_type (all|image|text), source, tokens, expert_0..expert_{K-1}``;
+  each row's expert fractions sum to 1;
+* ``specialization.csv`` -- per layer and token type, ``MI(source; expert)`` in bits, ``H(source)`` and their ratio;
+* ``routing_<token_type>_<layers>.png`` -- one heatmap figure per group of ``--layers-per-figure`` layers;
+* ``summary.json`` -- sources, layers, sample counts and the per-layer MI of all tokens.
+
+One line per layer with the MI is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+from typing import Any
+
+import torch
+
+
+def parse_sources(values: list[str]) -> dict[str, dict[str, str]]:
+    """``["name=urls", ...]`` → ``{name: {"urls": urls}}``."""
+    sources: dict[str, dict[str, str]] = {}
+    for value in values:
+        name, sep, urls = value.partition("=")
+        if not sep or not name or not urls:
+            raise SystemExit(f"--val expects NAME=SHARDS, got {value!r}")
+        sources[name] = {"urls": urls}
+    return sources
+
+
+def load_checkpoint_tensors(path: str, trust: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``(state_dict, hyper_parameters)`` of a Lightning checkpoint (tensors only unless ``trust``)."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=not trust)
+    except Exception as error:  # pickled hyper-parameters need trust
+        raise SystemExit(
+            f"cannot read {path} with weights_only=True ({type(error).__name__}: {error}); "
+            "pass --trust-checkpoint if you trust this file"
+        ) from None
+    state = checkpoint.get("state_dict", checkpoint)
+    hparams = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, dict) else {}
+    return state, hparams if isinstance(hparams, dict) else {}
+
+
+def load_trained_tensors(model: Any, state: dict[str, torch.Tensor], prefix: str = "model.") -> int:
+    """Copies the ``prefix``-named entries of ``state`` into ``model``; every trainable parameter must be present.
+
+    Returns:
+        The number of tensors loaded.
+    """
+    own = {name: param for name, param in model.named_parameters()}
+    wanted = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    wanted = {
+        k.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", ""): v for k, v in wanted.items()
+    }
+    missing = [name for name, param in own.items() if param.requires_grad and name not in wanted]
+    if missing:
+        raise SystemExit(f"the checkpoint lacks {len(missing)} trained tensor(s), e.g. {missing[:3]}")
+    loaded = 0
+    with torch.no_grad():
+        for name, value in wanted.items():
+            if name in own:
+                if tuple(own[name].shape) != tuple(value.shape):
+                    raise SystemExit(f"{name}: checkpoint shape {tuple(value.shape)}, model {tuple(own[name].shape)}")
+                own[name].copy_(value.to(own[name].dtype))
+                loaded += 1
+    return loaded
+
+
+def build_model(args: argparse.Namespace) -> Any:
+    """The preset model with the adapter or checkpoint tensors loaded, in eval mode."""
+    from mole_lightning.models import build_preset, load_adapters
+
+    kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
+    state = None
+    seed = args.seed
+    if args.ckpt:
+        state, hparams = load_checkpoint_tensors(args.ckpt, args.trust_checkpoint)
+        if seed is None and isinstance(hparams.get("model_seed"), int):
+            seed = hparams["model_seed"]
+    torch.manual_seed(0 if seed is None else seed)
+    if args.adapter:
+        model = build_preset(args.preset, tokenizer=args.tokenizer, mole=None, **kwargs)
+        load_adapters(model, args.adapter)
+    else:
+        model = build_preset(args.preset, tokenizer=args.tokenizer, **kwargs)
+        if state is not None:
+            load_trained_tensors(model, state)
+    return model.eval()
+
+
+def write_csv(path: str, rows: list[dict[str, Any]]) -> None:
+    """Rows of dicts with the same keys as CSV."""
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        if not rows:
+            return
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the report; returns the exit code."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    weights = parser.add_mutually_exclusive_group(required=True)
+    weights.add_argument("--adapter", help="exported adapter directory (save_adapters)")
+    weights.add_argument("--ckpt", help="Lightning checkpoint with model.* tensors")
+    parser.add_argument("--preset", default="tiny", help="base model preset (build_preset name)")
+    parser.add_argument("--model-kwargs", help="JSON dict of extra build_preset arguments")
+    parser.add_argument("--tokenizer", required=True, help="tokenizer directory used in training")
+    parser.add_argument("--seed", type=int, help="seed of the random base weights (default: checkpoint model_seed, 0)")
+    parser.add_argument("--trust-checkpoint", action="store_true", help="allow pickled objects in --ckpt")
+    parser.add_argument("--val", action="append", required=True, help="NAME=SHARDS of a validation source")
+    parser.add_argument("--template", default="vicuna_v1")
+    parser.add_argument("--max-samples", type=int, default=64, help="samples per source")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=2048)
+    parser.add_argument("--layers-per-figure", type=int, default=8)
+    parser.add_argument("--weighting", choices=("tokens", "uniform"), default="tokens", help="source weights in MI")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", required=True, help="output folder")
+    args = parser.parse_args(argv)
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mole_lightning.data import MixedInstructionDataModule
+    from mole_lightning.eval.callback import take_rows
+    from mole_lightning.eval.routing import SELECTIONS, RoutingAccumulator, plot_routing_heatmaps
+
+    sources = parse_sources(args.val)
+    model = build_model(args).to(args.device)
+    tower = model.vision_tower
+    datamodule = MixedInstructionDataModule(
+        sources=sources,
+        val_sources=sources,
+        tokenizer=args.tokenizer,
+        template=args.template,
+        num_image_tokens=model.num_image_tokens,
+        image_size=tower.image_size,
+        image_mean=tuple(tower.image_mean),
+        image_std=tuple(tower.image_std),
+        batch_size=args.batch_size,
+        num_workers=0,
+        max_length=args.max_length,
+        samples_per_epoch=1,
+    )
+    datamodule.setup("validate")
+    names = datamodule.val_source_names
+    accumulator = RoutingAccumulator(model, names)
+    samples = dict.fromkeys(names, 0)
+    with torch.no_grad(), accumulator:
+        for name in names:
+            for batch in datamodule.source_loader(name, "train"):
+                if samples[name] >= args.max_samples:
+                    break
+                batch = take_rows(batch, args.max_samples - samples[name])
+                samples[name] += len(batch["input_ids"])
+                batch = {k: v.to(args.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                accumulator.set_batch(name, batch["input_ids"] == model.image_token_id)
+                model(
+                    batch["input_ids"],
+                    attention_mask=batch["attention_mask"],
+                    pixel_values=batch["pixel_values"],
+                    has_image=batch["has_image"],
+                    return_routing_stats=False,
+                )
+    counts = accumulator.result()
+
+    os.makedirs(args.out, exist_ok=True)
+    write_csv(os.path.join(args.out, "routing_fractions.csv"), counts.fraction_rows())
+    rows = []
+    for tokens in SELECTIONS:
+        for row in counts.specialization(tokens, args.weighting):
+            rows.append({"token_type": tokens, **row})
+    write_csv(os.path.join(args.out, "specialization.csv"), rows)
+    pngs = []
+    for tokens in SELECTIONS:
+        if int(counts.select(tokens).sum()) == 0:
+            continue
+        for label, fig in plot_routing_heatmaps(counts, tokens, args.layers_per_figure):
+            path = os.path.join(args.out, f"routing_{tokens}_{label}.png")
+            fig.savefig(path, dpi=120, bbox_inches="tight")
+            plt.close(fig)
+            pngs.append(path)
+    specialization = counts.specialization("all", args.weighting)
+    summary = {
+        "sources": names,
+        "samples": samples,
+        "layers": counts.layers,
+        "num_experts": counts.num_experts,
+        "weighting": args.weighting,
+        "mi_bits": {r["layer"]: r["mi_bits"] for r in specialization},
+        "normalized_mi": {r["layer"]: r["normalized_mi"] for r in specialization},
+        "figures": [os.path.basename(p) for p in pngs],
+    }
+    with open(os.path.join(args.out, "summary.json"), "w", encoding="utf-8") as handle:
+        json.dump(summary, handle, indent=1)
+    print(f"samples per source: {samples}")
+    for row in specialization:
+        print(
+            f"{row['layer']}: MI(source; expert) = {row['mi_bits']:.4f} bits "
+            f"({row['normalized_mi']:.1%} of H(source) = {row['source_entropy_bits']:.3f})"
+        )
+    print(f"wrote {args.out}/routing_fractions.csv, specialization.csv, summary.json and {len(pngs)} PNG(s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
