@@ -1,11 +1,11 @@
 """``JsonlPredictionWriter``: a Lightning prediction writer that writes one JSON line per sample.
 
-``predict_step`` returns a list of dicts ``{id, source, question, answer, prediction}`` (``answer`` the reference
-answer(s)); each becomes a line of ``<output_dir>/predictions[.rank<r>].jsonl``. With several ranks every rank
-writes its own file (``predictions.rank0.jsonl``, ...), and rank 0 merges them into ``predictions.jsonl`` at the
-end when ``merge`` is set. With ``score`` set, each line also gets ``task`` (when known) and ``score`` (the sample
-score of :mod:`mole_lightning.eval.metrics`), and a per-source metric summary is written next to it as
-``metrics.json``.
+``predict_step`` returns a list of dicts ``{id, source, question, answer, prediction}`` (``answer``: the reference
+answer(s); an extra ``answers`` list, when present, is written too and used for scoring). Each dict becomes a line
+of ``<output_dir>/predictions.jsonl``. With several ranks every rank writes its own file
+(``predictions.rank0.jsonl``, ...), and rank 0 merges them into ``predictions.jsonl`` at the end when ``merge`` is
+set. With ``score`` set, each line also gets ``task`` (when known) and ``score`` (the sample score of
+:mod:`mole_lightning.eval.metrics`), and per-source metrics of the file are written next to it as ``metrics.json``.
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ class JsonlPredictionWriter(BasePredictionWriter):
 
     @staticmethod
     def _add_score(line: dict[str, Any], batch_task: str | None) -> None:
-        answers = line.get("answer")
+        answers = line.get("answers") if line.get("answers") else line.get("answer")
         if answers is None or line.get("prediction") is None:
             return
         answers = [answers] if isinstance(answers, str) else [str(a) for a in answers]
@@ -157,7 +157,7 @@ def score_jsonl(path: str) -> dict[str, float]:
             row = json.loads(line)
             if row.get("prediction") is None or row.get("answer") is None:
                 continue
-            answers = row["answer"]
+            answers = row["answers"] if row.get("answers") else row["answer"]
             answers = [answers] if isinstance(answers, str) else answers
             metrics.update(
                 [str(row.get("source") or "unknown")],
