@@ -1,0 +1,93 @@
+"""``mole-train``: LightningCLI for LLaVA-MoLE instruction tuning (``fit``, ``validate``, ``test``, ``predict``).
+
+Usage::
+
+    mole-train fit --config configs/demo.yaml
+    mole-train fit --config configs/llava_mole_7b.yaml --trainer configs/trainer/fsdp_8gpu.yaml
+    mole-train fit --config configs/demo.yaml --ckpt_path last          # resume
+    mole-train fit --config configs/demo.yaml --print_config            # resolved config
+
+The model (:class:`~mole_lightning.training.MoLELightningModule`) and the data
+(:class:`~mole_lightning.data.MixedInstructionDataModule`) are linked: the tokenizer is set once under
+``data.tokenizer``; the number of image tokens, image size and normalisation come from the model's vision tower.
+Always present callbacks, configurable under their own keys: ``checkpoint`` (``ModelCheckpoint``),
+``routing_heatmap`` and ``resumable_data``; more go in ``trainer.callbacks``. Checkpoints are written atomically.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import ArgsType, LightningCLI
+
+from mole_lightning.data import MixedInstructionDataModule
+from mole_lightning.training.callbacks import AtomicCheckpointIO, ResumableTrainLoader, RoutingHeatmapCallback
+from mole_lightning.training.module import MoLELightningModule
+
+
+def _device_count(devices: Any, accelerator: Any) -> int:
+    """Best-effort number of devices of a ``trainer.devices`` value (for the default strategy choice)."""
+    if isinstance(devices, (list, tuple)):
+        return len(devices)
+    if isinstance(devices, int):
+        return devices
+    if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
+        value = int(devices)
+        if value >= 0:
+            return value
+    import torch
+
+    if accelerator in ("cpu",) or not torch.cuda.is_available():
+        return 1
+    return torch.cuda.device_count()
+
+
+class MoLECLI(LightningCLI):
+    """LightningCLI with model↔data links, forced callbacks and FSDP2 as the multi-device default."""
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        """Links and forced callbacks."""
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(RoutingHeatmapCallback, "routing_heatmap")
+        parser.add_lightning_class_args(ResumableTrainLoader, "resumable_data")
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0})
+        parser.link_arguments("data.tokenizer", "model.tokenizer")
+        for name in ("num_image_tokens", "image_size", "image_mean", "image_std"):
+            parser.link_arguments(f"model.{name}", f"data.{name}", apply_on="instantiate")
+
+    def before_instantiate_classes(self) -> None:
+        """Use FSDP2 (:class:`MoLEModelParallelStrategy`) when several devices are asked for with strategy auto."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        trainer = config.get("trainer")
+        if trainer is None or trainer.get("strategy", "auto") != "auto":
+            return
+        accelerator = trainer.get("accelerator", "auto")
+        if _device_count(trainer.get("devices", "auto"), accelerator) * int(trainer.get("num_nodes", 1) or 1) > 1:
+            from mole_lightning.training.strategies import default_strategy
+
+            trainer["strategy"] = default_strategy(2, accelerator)
+
+
+def cli_main(args: ArgsType = None, run: bool = True) -> MoLECLI:
+    """Entry point of ``mole-train`` / ``python -m mole_lightning``.
+
+    Args:
+        args: Command-line arguments (``None``: ``sys.argv``), a list or a dict.
+        run: Run the subcommand; ``False`` only parses and instantiates (tests).
+    """
+    return MoLECLI(
+        MoLELightningModule,
+        MixedInstructionDataModule,
+        args=args,
+        run=run,
+        auto_configure_optimizers=False,
+        save_config_kwargs={"overwrite": True},
+        seed_everything_default=0,
+        trainer_defaults={"plugins": [AtomicCheckpointIO()]},
+        parser_kwargs={"fit": {"default_env": False}},
+    )
+
+
+if __name__ == "__main__":
+    cli_main()

@@ -1,0 +1,46 @@
+"""Training LLaVA-MoLE with Lightning: the LightningModule, strategies (FSDP2/FSDP), callbacks, schedules, export.
+
+- :class:`MoLELightningModule` (+ :class:`ModelSpec`): builds the model in ``configure_model``, trains LM + aux
+  loss, logs routing, validates per source, generates in ``predict_step``.
+- :class:`MoLEModelParallelStrategy` (FSDP2) and :class:`MoLEFSDPStrategy` (FSDP1 by class names).
+- Callbacks: :class:`RoutingHeatmapCallback`, :class:`SourceMetricsTable`, :class:`ResumableTrainLoader`;
+  :class:`AtomicCheckpointIO`.
+- :class:`WarmupCosineLR`; :func:`export_checkpoint` (adapter safetensors + config for ``load_adapters``).
+"""
+
+from mole_lightning.training.callbacks import (
+    AtomicCheckpointIO,
+    ResumableTrainLoader,
+    RoutingHeatmapCallback,
+    SourceMetricsTable,
+    source_table,
+)
+from mole_lightning.training.export import export_checkpoint, module_from_checkpoint
+from mole_lightning.training.module import MoLELightningModule
+from mole_lightning.training.schedules import WarmupCosineLR
+from mole_lightning.training.spec import ModelSpec, VisionGeometry, vision_geometry
+from mole_lightning.training.strategies import (
+    MoLEFSDPStrategy,
+    MoLEModelParallelStrategy,
+    default_strategy,
+    fully_shard_llava_mole,
+)
+
+__all__ = [
+    "AtomicCheckpointIO",
+    "ModelSpec",
+    "MoLEFSDPStrategy",
+    "MoLELightningModule",
+    "MoLEModelParallelStrategy",
+    "ResumableTrainLoader",
+    "RoutingHeatmapCallback",
+    "SourceMetricsTable",
+    "VisionGeometry",
+    "WarmupCosineLR",
+    "default_strategy",
+    "export_checkpoint",
+    "fully_shard_llava_mole",
+    "module_from_checkpoint",
+    "source_table",
+    "vision_geometry",
+]

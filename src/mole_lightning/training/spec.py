@@ -1,0 +1,181 @@
+"""`ModelSpec`: the typed, YAML-friendly description of the model to build (a preset plus builder overrides).
+
+The Lightning module stores a `ModelSpec` and builds the network lazily in ``configure_model``. The spec can also
+tell, without building anything, how many visual tokens an image becomes and how images are normalised, so that the
+CLI can link these values into the DataModule.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from mole_lightning.data.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SIGLIP_MEAN_STD = (0.5, 0.5, 0.5)
+KNOWN_HF_TOWERS: dict[str, dict[str, Any]] = {
+    "openai/clip-vit-large-patch14-336": {"image_size": 336, "patch_size": 14, "model_type": "clip_vision_model"},
+    "openai/clip-vit-large-patch14": {"image_size": 224, "patch_size": 14, "model_type": "clip_vision_model"},
+}
+"""Geometry of common towers, used when their config cannot be read (offline, before the download)."""
+
+
+@dataclass
+class ModelSpec:
+    """Which model to build: a preset of ``mole_lightning.models.build_preset`` and overrides of its arguments.
+
+    Every field left ``None`` keeps the preset's value (or ``build_llava_mole``'s default without a preset). The
+    MoLE adapter configuration is not part of the spec: it is the Lightning module's ``mole`` argument.
+
+    Attributes:
+        preset: ``"tiny"``, ``"llava-1.5-7b"`` or ``None`` (only the fields below).
+        llm_path: LLM directory or hub id (``AutoModelForCausalLM``).
+        llm_config: ``LlamaConfig`` fields of a randomly initialised LLM (used when ``llm_path`` is unset).
+        vision: vision tower kind, ``"hf"`` (transformers CLIP/SigLIP) or ``"open_clip"``.
+        vision_name_or_path: HF directory/hub id, or ``open_clip`` architecture name.
+        vision_pretrained: ``open_clip`` pretrained tag or checkpoint file.
+        vision_config: random-init vision config (CLIPVisionConfig fields, or an ``open_clip`` model config).
+        feature_layer: vision layer whose features are used (-2 in LLaVA-1.5).
+        projector: ``"mlp2x_gelu"``, ``"mlp{N}x_gelu"``, ``"linear"`` or ``"identity"``.
+        projector_path: LLaVA stage-1 ``mm_projector.bin`` (or safetensors) that initialises the projector.
+        dtype: weight dtype of the frozen model, ``"float32"``, ``"bfloat16"`` or ``"float16"``.
+        attn_implementation: LLM attention backend (``"sdpa"``, ``"eager"``, ``"flash_attention_2"``).
+        train_new_token_rows: also train embedding rows of tokens added to the tokenizer.
+        pad_to_multiple_of: round the resized vocabulary up to a multiple of this.
+        trust_remote_code: allow custom code from model/tokenizer directories.
+    """
+
+    preset: str | None = "tiny"
+    llm_path: str | None = None
+    llm_config: dict[str, Any] | None = None
+    vision: Literal["hf", "open_clip"] | None = None
+    vision_name_or_path: str | None = None
+    vision_pretrained: str | None = None
+    vision_config: dict[str, Any] | None = None
+    feature_layer: int | None = None
+    projector: str | None = None
+    projector_path: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    attn_implementation: str | None = None
+    train_new_token_rows: bool | None = None
+    pad_to_multiple_of: int | None = None
+    trust_remote_code: bool = False
+
+    def builder_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of ``build_llava_mole``: the preset's, updated with every field that is set.
+
+        ``mole`` is not included (it comes from the preset and is replaced by the module's ``mole`` argument).
+        """
+        from mole_lightning.models import PRESETS
+
+        kwargs: dict[str, Any] = {}
+        if self.preset is not None:
+            if self.preset not in PRESETS:
+                raise ValueError(f"unknown model preset {self.preset!r}; available: {sorted(PRESETS)}")
+            kwargs = copy.deepcopy(PRESETS[self.preset])
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.name == "preset" or value is None:
+                continue
+            if field.name == "dtype":
+                value = DTYPES[value]
+            kwargs[field.name] = copy.deepcopy(value)
+        if self.vision == "open_clip" and self.preset == "tiny" and self.vision_config is None:
+            from mole_lightning.models import TINY_OPEN_CLIP_CONFIG
+
+            kwargs["vision_config"] = copy.deepcopy(TINY_OPEN_CLIP_CONFIG)
+        if "llm_path" in kwargs and self.llm_config is None and self.llm_path is not None:
+            kwargs.pop("llm_config", None)
+        return kwargs
+
+    def preset_mole(self) -> dict[str, Any] | None:
+        """The preset's MoLE settings (``None`` without preset or when the preset has none)."""
+        return self.builder_kwargs().get("mole")
+
+    def vision_geometry(self) -> VisionGeometry:
+        """Visual tokens per image and the image preprocessing the tower expects, read from configs only."""
+        kwargs = self.builder_kwargs()
+        return vision_geometry(
+            kind=kwargs.get("vision", "hf"),
+            name_or_path=kwargs.get("vision_name_or_path"),
+            config=kwargs.get("vision_config"),
+            trust_remote_code=bool(kwargs.get("trust_remote_code", False)),
+        )
+
+
+@dataclass(frozen=True)
+class VisionGeometry:
+    """What the data pipeline must produce for a vision tower.
+
+    Attributes:
+        num_image_tokens: features (placeholder tokens) per image.
+        image_size: square input side in pixels.
+        image_mean: per-channel normalisation mean.
+        image_std: per-channel normalisation std.
+    """
+
+    num_image_tokens: int
+    image_size: int
+    image_mean: tuple[float, float, float]
+    image_std: tuple[float, float, float]
+
+
+def _pair(value: Any) -> int:
+    return int(value[0]) if isinstance(value, (tuple, list)) else int(value)
+
+
+def vision_geometry(
+    *,
+    kind: str,
+    name_or_path: str | None,
+    config: dict[str, Any] | None,
+    trust_remote_code: bool = False,
+) -> VisionGeometry:
+    """Tokens per image, input size and normalisation of a vision tower, from its config (nothing is built).
+
+    Args:
+        kind: ``"hf"`` or ``"open_clip"``.
+        name_or_path: HF directory/hub id, or ``open_clip`` architecture name.
+        config: random-init config (CLIPVisionConfig fields or an ``open_clip`` model config).
+        trust_remote_code: passed to ``AutoConfig``.
+
+    Returns:
+        The geometry; CLS tokens are not counted (LLaVA's ``"default"`` feature selection).
+    """
+    if kind == "open_clip":
+        cfg = config
+        if cfg is None:
+            import open_clip
+
+            cfg = open_clip.get_model_config(name_or_path or "ViT-L-14-336")
+            if cfg is None:
+                raise ValueError(f"unknown open_clip architecture {name_or_path!r}")
+        vision_cfg = cfg["vision_cfg"]
+        size, patch = _pair(vision_cfg["image_size"]), _pair(vision_cfg["patch_size"])
+        return VisionGeometry((size // patch) ** 2, size, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+    if config is not None:
+        fields = dict(config)
+    else:
+        if name_or_path is None:
+            raise ValueError("an 'hf' vision tower needs vision_name_or_path or vision_config")
+        from transformers import AutoConfig
+
+        try:
+            loaded = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        except OSError:
+            if name_or_path not in KNOWN_HF_TOWERS:
+                raise
+            fields = dict(KNOWN_HF_TOWERS[name_or_path])  # offline: a well-known tower's geometry
+        else:
+            loaded = getattr(loaded, "vision_config", loaded)
+            fields = loaded.to_dict()
+    size, patch = _pair(fields.get("image_size", 224)), _pair(fields.get("patch_size", 16))
+    is_siglip = "siglip" in str(fields.get("model_type", ""))
+    mean = SIGLIP_MEAN_STD if is_siglip else OPENAI_CLIP_MEAN
+    std = SIGLIP_MEAN_STD if is_siglip else OPENAI_CLIP_STD
+    return VisionGeometry((size // patch) ** 2, size, tuple(mean), tuple(std))
