@@ -165,6 +165,9 @@ class GenerationEvalCallback(Callback):
         routing_figures: Add routing heatmap figures to TensorBoard (with ``log_routing``).
         print_table: Print the per-source metric table on rank 0 after each evaluation.
         generation_kwargs: Extra ``generate`` options (e.g. ``{"repetition_penalty": 1.0}``); greedy by default.
+        sync_generation: Make every rank run the same number of ``generate`` calls (ranks short of samples repeat
+            a batch whose answers are discarded) with ``synced_gpus=True``, as sharded models (FSDP2) need.
+            ``None``: on when the model's parameters are sharded (DTensors) in a multi-process run.
     """
 
     def __init__(
@@ -183,6 +186,7 @@ class GenerationEvalCallback(Callback):
         routing_figures: bool = True,
         print_table: bool = False,
         generation_kwargs: dict[str, Any] | None = None,
+        sync_generation: bool | None = None,
     ) -> None:
         super().__init__()
         if mode not in ("max", "min"):
@@ -203,6 +207,7 @@ class GenerationEvalCallback(Callback):
         self.routing_figures = routing_figures
         self.print_table = print_table
         self.generation_kwargs = dict(generation_kwargs or {})
+        self.sync_generation = sync_generation
         self.best_score: float | None = None
         self.best_step: int | None = None
         self.last_results: dict[str, float] = {}
@@ -270,26 +275,39 @@ class GenerationEvalCallback(Callback):
             except ValueError:
                 accumulator = None
         image_token_id = getattr(model, "image_token_id", None)
+        lockstep = self._lockstep(trainer, model)
+        generation_kwargs = dict(self.generation_kwargs)
+        if lockstep:
+            generation_kwargs.setdefault("synced_gpus", True)
+        fallback: dict[str, Any] | None = None
         modes = {module: module.training for module in model.modules()}
         model.eval()
         examples: list[dict[str, Any]] = []
         try:
             with accumulator if accumulator is not None else _null():
                 for source, loader in loaders.items():
-                    seen = 0
-                    for batch in loader:
-                        if seen >= per_rank:
-                            break
-                        batch = take_rows(batch, per_rank - seen)
-                        seen += len(batch["input_ids"])
+                    batches = _first_samples(loader, per_rank)
+                    if fallback is None and batches:
+                        fallback = batches[0]
+                    steps = len(batches)
+                    if lockstep:  # every rank must make the same number of generate calls
+                        steps = _max_over_ranks(steps, device)
+                    for index in range(steps):
+                        real = index < len(batches)
+                        batch = batches[index] if real else (fallback or _minimal_batch(tokenizer))
                         batch = _to_device(batch, device)
                         if accumulator is not None:
-                            mask = batch["input_ids"] == image_token_id if image_token_id is not None else None
-                            accumulator.set_batch(source, mask)
+                            if real:
+                                mask = batch["input_ids"] == image_token_id if image_token_id is not None else None
+                                accumulator.set_batch(source, mask)
+                            else:
+                                accumulator.pause()
                         with trainer.precision_plugin.predict_step_context():
                             predictions = generate_answers(
-                                model, batch, tokenizer, self.max_new_tokens, **self.generation_kwargs
+                                model, batch, tokenizer, self.max_new_tokens, **generation_kwargs
                             )
+                        if not real:  # a filler call that keeps the ranks in step; nothing is scored
+                            continue
                         tasks = list(batch.get("task") or [None] * len(predictions))
                         options = batch.get("options")
                         scores = metrics.update(
@@ -316,6 +334,15 @@ class GenerationEvalCallback(Callback):
         self.last_examples = examples
         self.last_routing = accumulator.result().all_reduce() if accumulator is not None else None
         return results
+
+    def _lockstep(self, trainer: pl.Trainer, model: Any) -> bool:
+        """Whether ranks must generate in lockstep: ``sync_generation``, or (``None``) a sharded model (DTensor
+        parameters, as under FSDP2) in a multi-process run."""
+        if trainer.world_size <= 1 or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return False
+        if self.sync_generation is not None:
+            return bool(self.sync_generation)
+        return any(hasattr(p, "device_mesh") for p in model.parameters())
 
     def _evaluate_and_log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, use_module_log: bool) -> None:
         step = trainer.global_step
@@ -362,6 +389,33 @@ class GenerationEvalCallback(Callback):
             if name != "overall" and key.endswith("/score") and name not in seen:
                 seen.append(name)
         return seen
+
+
+def _first_samples(loader: Any, count: int) -> list[dict[str, Any]]:
+    """The batches holding the first ``count`` samples of ``loader`` (the last one cut to size)."""
+    batches, seen = [], 0
+    for batch in loader:
+        if seen >= count:
+            break
+        batch = take_rows(batch, count - seen)
+        seen += len(batch["input_ids"])
+        batches.append(batch)
+    return batches
+
+
+def _max_over_ranks(value: int, device: torch.device) -> int:
+    """The largest ``value`` over all ranks (collective)."""
+    backend = torch.distributed.get_backend()
+    tensor = torch.tensor([value], dtype=torch.long, device=device if backend == "nccl" else "cpu")
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return int(tensor.item())
+
+
+def _minimal_batch(tokenizer: Any) -> dict[str, Any]:
+    """A one-token text-only prompt, for a rank that has no sample at all but must join a lockstep generate."""
+    token = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    ids = torch.tensor([[token if token is not None else 0]])
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": None, "has_image": None}
 
 
 class _null:

@@ -233,6 +233,10 @@ class RoutingAccumulator:
         self._image_mask = image_mask
         self.new_batch()
 
+    def pause(self) -> None:
+        """Counts nothing until the next :meth:`set_batch` (e.g. during filler forwards)."""
+        self._source = None
+
     def _hook(self, layer: int) -> Any:
         def count(module: nn.Module, args: Any, output: Any) -> None:
             record = getattr(module, "record", None)
