@@ -1,0 +1,125 @@
+"""Tests of the data-conflict study: routing mutual information on hand-made counts, the task format, the
+parameter-matched baseline, and the ``--quick`` mode end to end."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from mole_lightning.study.metrics import entropy, mutual_information, steps_to_threshold, summarize
+from mole_lightning.study.tasks import IGNORE_INDEX, TaskConfig, domain_rules, make_domain_sets, make_samples
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _load_tool():
+    spec = importlib.util.spec_from_file_location("conflict_study", os.path.join(REPO, "tools", "conflict_study.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_mi_independent_is_zero() -> None:
+    # p(d, e) = p(d) p(e): rows proportional to each other
+    counts = np.outer([10, 30, 60], [2, 5, 3])
+    assert mutual_information(counts) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_mi_perfect_dependence_is_domain_entropy() -> None:
+    counts = np.diag([40, 40, 20])  # each domain always goes to its own expert
+    h_domain = -(0.4 * math.log2(0.4) * 2 + 0.2 * math.log2(0.2))
+    assert entropy(counts.sum(1)) == pytest.approx(h_domain)
+    assert mutual_information(counts) == pytest.approx(h_domain)
+    # two domains sharing one expert, the third alone: MI = H(expert) = H(0.5, 0.5)... computed by hand
+    merged = np.array([[25, 0], [25, 0], [0, 50]])
+    assert mutual_information(merged) == pytest.approx(1.0)
+
+
+def test_mi_partial_by_hand() -> None:
+    # 2 domains x 2 experts: p = [[0.4, 0.1], [0.1, 0.4]]; p(d) = p(e) = 0.5
+    # I = 2 * 0.4 * log2(0.4 / 0.25) + 2 * 0.1 * log2(0.1 / 0.25) = 0.8 log2 1.6 + 0.2 log2 0.4
+    counts = np.array([[40, 10], [10, 40]])
+    expected = 0.8 * math.log2(1.6) + 0.2 * math.log2(0.4)
+    assert expected == pytest.approx(0.2781, abs=1e-4)
+    assert mutual_information(counts) == pytest.approx(expected)
+    # order of rows/columns does not matter, zero rows are ignored
+    assert mutual_information(np.array([[10, 40], [0, 0], [40, 10]])) == pytest.approx(expected)
+
+
+def test_summary_and_threshold() -> None:
+    stats = summarize([1.0, 2.0, 3.0])
+    assert stats["mean"] == pytest.approx(2.0) and stats["sd"] == pytest.approx(1.0)
+    assert stats["ci"] == pytest.approx(4.303 / math.sqrt(3))
+    assert steps_to_threshold([0, 10, 20], [3.0, 0.4, 0.1], 0.5) == 10
+    assert math.isinf(steps_to_threshold([0, 10], [3.0, 2.0], 0.5))
+
+
+@pytest.mark.parametrize("setting", ["style", "cue"])
+def test_task_format(setting: str) -> None:
+    task = TaskConfig(setting=setting, num_domains=3, num_symbols=5, num_fonts=3, style_purity=1.0, length=4)
+    rules = domain_rules(task, seed=0)
+    sets = make_domain_sets(task, rules, 16, seed=1)
+    for d, dset in enumerate(sets):
+        assert dset.input_ids.shape == (16, task.seq_len)
+        assert int(dset.input_ids.max()) < task.vocab_size
+        scored = dset.labels != IGNORE_INDEX
+        assert scored.sum(1).tolist() == [task.length] * 16
+        start = task.answer_start
+        first = task.input_token(torch.zeros((), dtype=torch.long), torch.zeros((), dtype=torch.long))
+        symbols = (dset.input_ids[:, start - task.length - 1 : start - 1] - first) // task.num_fonts
+        fonts = (dset.input_ids[:, start - task.length - 1 : start - 1] - first) % task.num_fonts
+        answers = dset.input_ids[:, start : start + task.length] - task.answer_token(torch.zeros((), dtype=torch.long))
+        assert torch.equal(answers, rules[d][symbols])
+        if setting == "style":  # purity 1: every token in the domain's own font
+            assert bool((fonts == d).all())
+    pre = make_samples(task, None, None, 8, torch.Generator().manual_seed(0))
+    assert bool((pre.domain == -1).all())
+
+
+def test_dense_baseline_is_parameter_matched() -> None:
+    from transformers import LlamaForCausalLM
+
+    from mole_lightning.study.base import BaseConfig, llama_config
+    from mole_lightning.study.methods import TrainConfig, adapt_model, adapter_counts, make_methods
+
+    task = TaskConfig(num_domains=3, num_symbols=6, num_fonts=3, length=3)
+    base = BaseConfig(hidden=16, layers=2, heads=2, ffn=32)
+    train = TrainConfig(rank=2, num_experts=3)
+    specs = {s.kind: s for s in make_methods(["mix", "dense", "mole"], 2, 3, [("prob", "switch", 0.01)])}
+    counts = {}
+    for kind, spec in specs.items():
+        model = adapt_model(LlamaForCausalLM(llama_config(task, base)), spec, train)
+        counts[kind] = adapter_counts(model, spec)
+        attn_ranks = {m.rank for n, m in model.named_modules() if n.endswith(("q_proj", "o_proj"))}
+        assert attn_ranks == {2}  # attention rank r for every method
+    routers = 2 * (3 * 16 + 3)
+    assert counts["dense"][0] + routers == counts["mole"][0]  # same expert parameters, MoLE adds the routers
+    assert counts["mole"][1] == counts["mix"][0] + routers  # top-1 activates one rank-r expert
+    assert counts["dense"][0] > counts["mix"][0]
+
+
+@pytest.mark.slow
+def test_quick_mode_writes_table(tmp_path) -> None:
+    tool = _load_tool()
+    out = tmp_path / "study"
+    argv = ["--quick", "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--seeds", "2"]
+    assert tool.main(argv) == 0
+    report = (out / "report.md").read_text()
+    assert "| method | params / activated |" in report
+    for name in ("single", "mix", "mix2x", "dense[r=6]", "mole[prob,switch=0.01]", "soft"):
+        assert f"| {name} |" in report
+    assert "MI(domain; expert)" in report
+    for png in ("curves_loss.png", "curves_em.png", "routing_mi.png"):
+        assert (out / png).stat().st_size > 1000
+    payload = json.loads((out / "results.json").read_text())
+    assert len(payload["stage0"]) == 2
+    # stage 0 is cached by its settings: a rerun skips it
+    assert tool.main(argv + ["--methods", "mix"]) == 0
+    payload = json.loads((out / "results.json").read_text())
+    assert all(s["cached"] for s in payload["stage0"])
