@@ -31,7 +31,15 @@ from typing import Any
 import numpy as np
 
 from mole_lightning.study.base import BaseConfig, pretrain_base
-from mole_lightning.study.methods import METHOD_KINDS, JobResult, JobSpec, TrainConfig, make_methods, run_job
+from mole_lightning.study.methods import (
+    METHOD_KINDS,
+    JobResult,
+    JobSpec,
+    TrainConfig,
+    make_methods,
+    parse_variants,
+    run_job,
+)
 from mole_lightning.study.report import build_summary, make_plots, markdown_report
 from mole_lightning.study.tasks import TaskConfig
 
@@ -82,6 +90,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--seed-offset", type=int, default=0)
     g.add_argument("--threshold", type=float, default=0.5, help="answer-loss threshold for steps-to-threshold")
     g.add_argument("--workers", type=int, default=2, help="parallel processes (one thread each)")
+    g = p.add_argument_group("multimodal variant (--multimodal; uses --rank, --experts, --methods, --mole-variants)")
+    g.add_argument("--mm-per-source", type=int, default=256, help="training samples per demo source")
+    g.add_argument("--mm-eval-per-source", type=int, default=48, help="validation/generation samples per source")
+    g.add_argument("--mm-epochs", type=int, default=6)
+    g.add_argument("--mm-batch", type=int, default=16)
+    g.add_argument("--mm-lr", type=float, default=3e-3)
+    g.add_argument("--mm-seeds", type=int, default=2)
     args = p.parse_args(argv)
     if args.quick:
         quick = {
@@ -101,22 +116,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "seeds": 2,
             "mole_variants": "prob:switch:0.01",
             "methods": "single,mix,mix2x,dense,mole,soft",
+            "mm_per_source": 32,
+            "mm_eval_per_source": 8,
+            "mm_epochs": 1,
+            "mm_seeds": 1,
         }
         for key, value in quick.items():
             if getattr(args, key) == p.get_default(key):
                 setattr(args, key, value)
     return args
-
-
-def parse_variants(text: str) -> list[tuple[str, str, float]]:
-    """``"prob:switch:0.01,none:pooled:0.05"`` -> [("prob", "switch", 0.01), ("none", "pooled", 0.05)]."""
-    variants = []
-    for item in filter(None, (s.strip() for s in text.split(","))):
-        parts = item.split(":")
-        if len(parts) != 3:
-            raise ValueError(f"--mole-variants item {item!r} is not gate:balance:coef")
-        variants.append((parts[0], parts[1], float(parts[2])))
-    return variants
 
 
 def _pretrain(args: tuple[TaskConfig, BaseConfig, int, str]) -> dict:

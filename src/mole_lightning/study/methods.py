@@ -102,6 +102,17 @@ def make_methods(
     return specs
 
 
+def parse_variants(text: str) -> list[tuple[str, str, float]]:
+    """``"prob:switch:0.01,none:pooled:0.05"`` -> [("prob", "switch", 0.01), ("none", "pooled", 0.05)]."""
+    variants = []
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        parts = item.split(":")
+        if len(parts) != 3:
+            raise ValueError(f"MoLE variant {item!r} is not gate:balance:coef")
+        variants.append((parts[0], parts[1], float(parts[2])))
+    return variants
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Adapter-finetuning schedule shared by every method.

@@ -136,11 +136,22 @@ def markdown_report(payload: dict[str, Any], summary: dict[str, Any], plots: lis
     cfg = payload["config"]
     finals, methods, params = summary["finals"], summary["methods"], summary["params"]
     seeds = sorted({s for m in methods for s in finals[m]})
+    if cfg.get("multimodal"):
+        setting = (
+            "Multimodal demo domains (general, doc, med) through the DataModule, LightningModule and "
+            "GenerationEvalCallback; answer loss = the module's per-source validation CE over assistant tokens, "
+            "exact match = the per-source generation score at the end (no curve), token routing = token type "
+            "(image/text); "
+        )
+    else:
+        setting = (
+            f"Setting `{cfg['task']['setting']}`, D={cfg['task']['num_domains']} domains, "
+            f"S={cfg['task']['num_symbols']} symbols, L={cfg['task']['length']}, "
+        )
     lines = [
         "# Data-conflict study: results",
         "",
-        f"Setting `{cfg['task']['setting']}`, D={cfg['task']['num_domains']} domains, S={cfg['task']['num_symbols']} "
-        f"symbols, L={cfg['task']['length']}, K={cfg['train']['num_experts']} experts, r={cfg['train']['rank']}, "
+        setting + f"K={cfg['train']['num_experts']} experts, r={cfg['train']['rank']}, "
         f"{cfg['train']['per_domain']} training samples per domain, {cfg['train']['epochs']} epochs, "
         f"batch {cfg['train']['batch']}, lr {cfg['train']['lr']:g}; seeds {seeds} (n={len(seeds)}); "
         f"wall time {payload.get('seconds', 0.0) / 60:.1f} min with {cfg['workers']} worker(s).",
