@@ -136,3 +136,22 @@ def test_decoding_mask_uses_last_columns():
         model(x)
     # sample 1's newest token is masked (left-padded prompt of a different length would not do this; a test value)
     assert routing_statistics(model)["layers.0.router"]["tokens_per_expert"].tolist() == [0, 1]
+
+
+def test_fp32_router_on_bf16_inputs_matches_autograd_reference():
+    from mole_lightning.peft.routing import fp32_linear
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 8, generator=gen).to(torch.bfloat16).requires_grad_(True)
+    weight = torch.randn(3, 8, generator=gen).requires_grad_(True)
+    bias = torch.randn(3, generator=gen).requires_grad_(True)
+    upstream = torch.randn(6, 3, generator=gen)
+    (fp32_linear(x, weight, bias) * upstream).sum().backward()
+    ours = (x.grad.clone(), weight.grad.clone(), bias.grad.clone())
+    x.grad = weight.grad = bias.grad = None
+    reference = torch.nn.functional.linear(x.float(), weight, bias)
+    assert reference.dtype == torch.float32
+    (reference * upstream).sum().backward()
+    torch.testing.assert_close(ours[0], x.grad)
+    torch.testing.assert_close(ours[1], weight.grad)
+    torch.testing.assert_close(ours[2], bias.grad)

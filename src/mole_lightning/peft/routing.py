@@ -95,6 +95,36 @@ class MoLEAux(NamedTuple):
     z_loss: torch.Tensor
 
 
+class _Fp32Linear(torch.autograd.Function):
+    """``x W^T + b`` computed in fp32 from a low-precision ``x`` without keeping an fp32 copy of ``x``.
+
+    Autograd would save ``x.float()`` (T, d) for the weight gradient: 128 MiB per layer at 8k tokens and d = 4096 in
+    a bf16 model. Here ``x`` is saved in its own dtype (usually the same storage the MLP keeps anyway) and upcast
+    again in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return F.linear(x.float(), weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        grad_x = (grad_out @ weight).to(x.dtype) if ctx.needs_input_grad[0] else None
+        grad_weight = grad_out.t() @ x.float() if ctx.needs_input_grad[1] else None
+        grad_bias = grad_out.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_weight, grad_bias
+
+
+def fp32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """(T, d) x (K, d) -> (T, K) logits in fp32; fp32 inputs take the plain path."""
+    if x.dtype == torch.float32:
+        return F.linear(x, weight, bias)
+    return _Fp32Linear.apply(x, weight, bias)
+
+
 def _in_backward_pass() -> bool:
     """True while autograd runs a backward pass, e.g. when activation checkpointing recomputes a layer."""
     current_task = getattr(torch._C, "_current_graph_task_id", None)
@@ -156,7 +186,7 @@ class MoLERouter(nn.Module):
             raise ValueError(f"router expects inputs of size {self.in_features}, got {x.shape[-1]}")
         leading_shape = x.shape[:-1]
         bias = None if self.bias is None else self.bias.float()
-        logits = F.linear(x.reshape(-1, self.in_features).float(), self.weight.float(), bias)  # (T, K)
+        logits = fp32_linear(x.reshape(-1, self.in_features), self.weight.float(), bias)  # (T, K) fp32
         probs = logits.softmax(dim=-1)  # (T, K)
         expert = probs.argmax(dim=-1)  # (T,)
         gate = self.config.gate
