@@ -1,0 +1,76 @@
+"""``mole-train fit --ckpt_path last`` on the demo config: a run killed mid-epoch and resumed takes the same number
+of steps and follows the loss curve of an uninterrupted run with the same seed."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mole_lightning.data import make_demo_data
+
+ROOT = Path(__file__).parents[2]
+MAX_STEPS = 8
+KILL_AFTER = 3  # mid-epoch: 6 steps per epoch below, the run crosses into the second epoch after the resume
+
+
+def run_demo(workdir: Path, *extra: str) -> subprocess.Popen:
+    recorder = {"class_path": "tests.training.recorders.RecordLosses", "init_args": {"path": "losses.jsonl"}}
+    command = [
+        sys.executable,
+        "-m",
+        "mole_lightning",
+        "fit",
+        "--config",
+        str(ROOT / "configs" / "demo.yaml"),
+        f"--trainer.max_steps={MAX_STEPS}",
+        "--trainer.limit_val_batches=0",
+        "--trainer.enable_progress_bar=false",
+        "--data.batch_size=4",
+        "--data.samples_per_epoch=24",
+        "--checkpoint.every_n_train_steps=1",
+        f"--trainer.callbacks+={json.dumps(recorder)}",
+        *extra,
+    ]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    log = open(workdir / "log.txt", "a")  # noqa: SIM115 (closed by finish())
+    return subprocess.Popen(command, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def finish(process: subprocess.Popen, workdir: Path, expect: int = 0) -> None:
+    code = process.wait(timeout=400)
+    assert code == expect, (workdir / "log.txt").read_text()[-4000:]
+
+
+def losses(workdir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (workdir / "losses.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records}
+
+
+@pytest.mark.slow
+def test_killed_and_resumed_demo_run_matches_an_uninterrupted_run(tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    make_demo_data(str(straight / "demo_data"), train=40, val=8, seed=0, maxcount=20)
+    shutil.copytree(straight / "demo_data", killed / "demo_data")
+
+    reference = run_demo(straight)
+    kill = {"class_path": "tests.training.recorders.KillAt", "init_args": {"step": KILL_AFTER}}
+    interrupted = run_demo(killed, f"--trainer.callbacks+={json.dumps(kill)}")
+    finish(interrupted, killed, expect=-signal.SIGKILL)
+    assert sorted(losses(killed)) == list(range(1, KILL_AFTER + 1))
+    assert (killed / "runs" / "demo" / "checkpoints" / "last.ckpt").exists()
+
+    finish(run_demo(killed, "--ckpt_path", "last"), killed)
+    finish(reference, straight)
+
+    expected, got = losses(straight), losses(killed)
+    assert sorted(got) == sorted(expected) == list(range(1, MAX_STEPS + 1))
+    for step, value in expected.items():
+        assert got[step] == pytest.approx(value, rel=1e-5, abs=1e-6), (step, got, expected)
+    assert expected[MAX_STEPS] < expected[1]
