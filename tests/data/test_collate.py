@@ -44,14 +44,15 @@ def test_images_are_stacked_in_batch_order_and_none_without_images():
 
 
 def test_left_padding_and_generation_fields():
-    fields = dict(answers=["x"], task="vqa", question="q?")
+    fields = dict(answers=["x"], task="mc", question="q?", options=["red", "blue"])
     batch = Collator(pad_token_id=9, padding_side="left")(
         [sample([1, 2, 3], [-100] * 3, **fields), sample([4], [-100], answers=["y", "z"], task=None, question="r")]
     )
     assert batch["input_ids"].tolist() == [[1, 2, 3], [9, 9, 4]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
-    assert batch["answers"] == [["x"], ["y", "z"]] and batch["task"] == ["vqa", None]
+    assert batch["answers"] == [["x"], ["y", "z"]] and batch["task"] == ["mc", None]
     assert batch["question"] == ["q?", "r"]
+    assert batch["options"] == [["red", "blue"], None]
 
 
 def test_errors_and_pad_id_fallbacks():
@@ -66,3 +67,20 @@ def test_errors_and_pad_id_fallbacks():
         eos_token_id = 2
 
     assert pad_token_id_of(Tok()) == 3
+
+
+def test_generation_fields_carry_multiple_choice_options():
+    from mole_lightning.data.samples import generation_fields
+
+    conversations = [
+        {"from": "human", "value": "<image>\nWhich colour?\nA. red\nB. blue"},
+        {"from": "gpt", "value": "B"},
+    ]
+    fields = generation_fields({"task": "mc", "options": ["red", "blue"]}, conversations)
+    assert fields == {
+        "answers": ["B"],
+        "task": "mc",
+        "question": "Which colour?\nA. red\nB. blue",
+        "options": ["red", "blue"],
+    }
+    assert generation_fields({}, conversations)["options"] is None

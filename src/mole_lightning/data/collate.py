@@ -8,7 +8,8 @@ at the same position for every row. Keys:
 * ``pixel_values`` FloatTensor (M, 3, H, W): the images of the M samples with ``has_image``, in batch order, or
   ``None`` when no sample has one; ``has_image`` BoolTensor (B,);
 * ``source`` list[str], ``id`` list[str];
-* generation mode also ``answers`` list[list[str]], ``task`` list[str | None], ``question`` list[str].
+* generation mode also ``answers`` list[list[str]], ``task`` list[str | None], ``question`` list[str],
+  ``options`` list[list[str] | None].
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ def collate(samples: Sequence[dict[str, Any]], pad_token_id: int, padding_side: 
         batch["answers"] = [list(s["answers"]) for s in samples]
         batch["task"] = [s["task"] for s in samples]
         batch["question"] = [s["question"] for s in samples]
+        batch["options"] = [s.get("options") for s in samples]
     return batch
 
 

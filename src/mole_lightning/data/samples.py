@@ -182,10 +182,10 @@ class SampleEncoder:
 
 
 def generation_fields(record: dict[str, Any], conversations: list[dict[str, Any]]) -> dict[str, Any]:
-    """Extracts ``answers``, ``task`` and ``question`` for evaluation from a record.
+    """Extracts ``answers``, ``task``, ``question`` and ``options`` for evaluation from a record.
 
     ``answers`` is the record's ``answers`` list, or the last assistant reply; ``question`` is the last user turn's
-    text without the image placeholder.
+    text without the image placeholder; ``options`` the record's multiple-choice options (list of str) or ``None``.
     """
     messages = normalize_prompt_conversation(conversations)
     last_user = [m.text for m in messages if m.role == "user"][-1]
@@ -199,4 +199,5 @@ def generation_fields(record: dict[str, Any], conversations: list[dict[str, Any]
         "answers": [str(a) for a in answers],
         "task": record.get("task"),
         "question": last_user.replace(DEFAULT_IMAGE_TOKEN, "").strip(),
+        "options": [str(o) for o in options] if isinstance((options := record.get("options")), list) else None,
     }
