@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from mole_lightning.study.base import BaseConfig, pretrain_base
+from mole_lightning.study.base import BaseConfig, pretrain_job
 from mole_lightning.study.methods import (
     METHOD_KINDS,
     JobResult,
@@ -127,13 +127,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _pretrain(args: tuple[TaskConfig, BaseConfig, int, str]) -> dict:
-    import torch
-
-    torch.set_num_threads(1)
-    return pretrain_base(*args)
-
-
 def result_to_dict(res: JobResult) -> dict[str, Any]:
     """JSON-ready job result."""
     out = asdict(res)
@@ -181,7 +174,7 @@ def run_text_study(args: argparse.Namespace) -> dict[str, Any]:
     start = time.perf_counter()
     ctx = mp.get_context("spawn")
     with ProcessPoolExecutor(max_workers=args.workers, mp_context=ctx) as pool:
-        bases = list(pool.map(_pretrain, [(task, base, s, args.cache_dir) for s in seeds]))
+        bases = list(pool.map(pretrain_job, [(task, base, s, args.cache_dir) for s in seeds]))
         for s, info in zip(seeds, bases):
             state = "cached" if info["cached"] else f"trained in {info['seconds']:.0f}s"
             print(f"[stage0] seed {s}: copy EM {info['copy_em']:.3f} ({state})", flush=True)

@@ -135,3 +135,9 @@ def load_base(task: TaskConfig, base: BaseConfig, path: str) -> LlamaForCausalLM
     info = torch.load(path, map_location="cpu", weights_only=True)
     model.load_state_dict(info["state_dict"])
     return model
+
+
+def pretrain_job(args: tuple[TaskConfig, BaseConfig, int, str]) -> dict:
+    """`pretrain_base` on one thread, for a worker process; ``args`` = (task, base, seed, cache_dir)."""
+    torch.set_num_threads(1)
+    return pretrain_base(*args)
