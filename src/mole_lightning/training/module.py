@@ -277,6 +277,7 @@ class MoLELightningModule(pl.LightningModule):
         self.log("train/total_loss", total.detach(), on_step=True, batch_size=batch_size)
         self._log_throughput(batch)
         self._log_learning_rates()
+        self._log_skipped_samples()
         if self._should_log_routing() or self.routing_snapshot_requested:
             self.routing_snapshot_requested = False
             self._log_training_routing(batch.get("source"))
@@ -308,6 +309,16 @@ class MoLELightningModule(pl.LightningModule):
             rate = float(self._tokens_since_log) / elapsed
             self.log("train/tokens_per_s", rate, on_step=True, prog_bar=True, batch_size=1)
             self._tokens_since_log, self._time_of_last_log = None, now
+
+    def _log_skipped_samples(self) -> None:
+        """``skipped/<kind>/<source>``: bad samples and unreadable shards the DataModule skipped so far."""
+        if self._trainer is None or self.global_step % max(1, self.trainer.log_every_n_steps) != 0:
+            return
+        counts = getattr(self.trainer.datamodule, "skipped_counts", None) if self.trainer.datamodule else None
+        if callable(counts):
+            values = {f"skipped/{kind}": float(count) for kind, count in counts().items()}
+            if values:
+                self.log_dict(values, on_step=True, batch_size=1)
 
     def _log_learning_rates(self) -> None:
         if self._trainer is None or not self.trainer.optimizers:
