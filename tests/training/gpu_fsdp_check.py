@@ -4,7 +4,8 @@
 
 Model: Llama d=512, 8 layers + tiny CLIP + mlp2x_gelu, MoLE K=3 r=8 on every MLP, LoRA on attention. Runs the same
 fixed batches with (a) ``MoLEModelParallelStrategy`` (FSDP2 ``fully_shard`` per router/layer/tower, bf16-true weights,
-fp32 reduce) on one GPU and (b) a plain single-device bf16-mixed run, and reports per-step losses, median step time
+fp32 reduce) on one GPU, (b) ``MoLEFSDPStrategy`` (FSDP1 by class names, activation checkpointing of decoder
+layers, bf16-mixed) and (c) a plain single-device bf16-mixed run, and reports per-step losses, median step time
 and peak memory of each, plus the checkpoint's keys (trainable tensors only).
 """
 
@@ -27,7 +28,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "src"))
 
 from mole_lightning.peft import MoLEConfig  # noqa: E402
 from mole_lightning.training import AtomicCheckpointIO, ModelSpec, MoLELightningModule  # noqa: E402
-from mole_lightning.training.strategies import MoLEModelParallelStrategy  # noqa: E402
+from mole_lightning.training.strategies import MoLEFSDPStrategy, MoLEModelParallelStrategy  # noqa: E402
 
 LLM = dict(
     vocab_size=8000,
@@ -91,6 +92,9 @@ def run(strategy_name: str, data: list[dict], workdir: str, accelerator: str) ->
         backend = "gloo" if accelerator == "cpu" else None
         strategy = MoLEModelParallelStrategy(reduce_dtype="float32", process_group_backend=backend)
         precision = "bf16-true"
+    elif strategy_name == "fsdp1":  # needs an accelerator: FSDP1 refuses CPU
+        strategy = MoLEFSDPStrategy(checkpoint_class_names=["LlamaDecoderLayer"])
+        precision = "bf16-mixed"
     else:
         strategy, precision = "auto", "bf16-mixed"
     timer = Timer()
@@ -110,7 +114,7 @@ def run(strategy_name: str, data: list[dict], workdir: str, accelerator: str) ->
     )
     trainer.fit(module, train_dataloaders=DataLoader(data, batch_size=None))
     checkpoint = torch.load(os.path.join(workdir, strategy_name, "last.ckpt"), map_location="cpu", weights_only=True)
-    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    trainable = set(module.trainable_parameter_names())
     return {
         "strategy": strategy_name,
         "precision": precision,
@@ -131,13 +135,14 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--out", default=None)
     parser.add_argument("--accelerator", default="gpu", help="cpu: dry run of the script")
+    parser.add_argument("--runs", default="fsdp2,fsdp1,single", help="fsdp2, fsdp1 (GPU only), single")
     args = parser.parse_args()
     data = batches(args.steps, args.batch, args.seq)
     with tempfile.TemporaryDirectory() as workdir:
         results = {
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "torch": torch.__version__,
-            "runs": [run(name, data, workdir, args.accelerator) for name in ("fsdp2", "single")],
+            "runs": [run(name, data, workdir, args.accelerator) for name in args.runs.split(",")],
         }
     print(json.dumps(results, indent=1))
     if args.out:

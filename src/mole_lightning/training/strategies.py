@@ -15,6 +15,7 @@ It works on CPU with the gloo backend (``accelerator="cpu"``), which is how the 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from datetime import timedelta
 from typing import Any, Literal
@@ -176,7 +177,8 @@ def _class_name_policy(class_names: Iterable[str]) -> Any:
 class MoLEFSDPStrategy(FSDPStrategy):
     """Lightning's FSDP (FSDP1) with wrapping and activation checkpointing chosen by class names (YAML-friendly).
 
-    Frozen and trainable parameters share units (``use_orig_params=True``); routers are their own (fp32) units.
+    Frozen and trainable parameters share units (``use_orig_params=True``); routers are their own units and are left
+    out of FSDP's mixed precision, so their parameters stay fp32 under ``bf16-mixed``.
     The full state dict is gathered on rank 0 and reduced to trainable tensors by the module.
 
     Args:
@@ -213,6 +215,19 @@ class MoLEFSDPStrategy(FSDPStrategy):
         )
         self.wrap_class_names = wrap
         self.checkpoint_class_names = list(checkpoint_class_names or [])
+
+    @property
+    def mixed_precision_config(self) -> Any:
+        """The precision plugin's FSDP ``MixedPrecision`` with routers excluded: they keep fp32 parameters."""
+        config = super().mixed_precision_config
+        if config is None:
+            return None
+        from mole_lightning.peft import MoLERouter
+
+        ignored = tuple(config._module_classes_to_ignore)
+        if MoLERouter not in ignored:
+            config = dataclasses.replace(config, _module_classes_to_ignore=(*ignored, MoLERouter))
+        return config
 
 
 def default_strategy(num_devices: int, accelerator: str = "auto") -> str | Any:
