@@ -312,3 +312,15 @@ def test_warmup_cosine_schedule_matches_hand_computed_values():
         assert seen[step][0] == pytest.approx(factor), step
         assert seen[step][1] == pytest.approx(0.1 * factor), step
     assert seen[6][0] == pytest.approx(0.55)
+
+
+def test_test_loop_reports_the_same_per_source_losses_as_validation(demo_data, tmp_path):
+    module = make_module(demo_data)
+    datamodule = make_datamodule(demo_data, module)
+    run = trainer(tmp_path)
+    validated = {k: v for r in run.validate(module, datamodule=datamodule, verbose=False) for k, v in r.items()}
+    loaders = [datamodule.source_loader(name) for name in datamodule.val_source_names]
+    tested = {k: v for r in run.test(module, dataloaders=loaders, verbose=False) for k, v in r.items()}
+    for name in datamodule.val_source_names:
+        assert tested[f"test/{name}/loss"] == pytest.approx(validated[f"val/{name}/loss"], rel=1e-6)
+    assert module.test_losses.keys() == module.val_losses.keys()

@@ -123,6 +123,8 @@ class MoLELightningModule(pl.LightningModule):
         self.last_source_routing: dict[str, torch.Tensor] = {}  # source -> (K,) fractions over layers
         self.val_routing: dict[str, torch.Tensor] = {}  # source -> (K,) fractions of the last validation
         self.val_losses: dict[str, float] = {}  # source -> token-weighted CE of the last validation
+        self.test_losses: dict[str, float] = {}  # same for the last test run
+        self.test_routing: dict[str, torch.Tensor] = {}
         self._val_sums: dict[str, dict[str, torch.Tensor]] = {}
         self._tokens_since_log: torch.Tensor | None = None
         self._time_of_last_log: float | None = None
@@ -395,8 +397,26 @@ class MoLELightningModule(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         """Log ``val/<source>/loss`` (token-weighted over all ranks), ``val/loss`` and per-source routing."""
+        self.val_losses, self.val_routing = self._log_source_metrics("val")
+
+    def on_test_epoch_start(self) -> None:
+        """Reset the per-source sums (test loaders follow ``val_source_names`` when the DataModule has them)."""
+        self.on_validation_epoch_start()
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Same as :meth:`validation_step`, for ``mole-train test`` (needs a DataModule with test loaders)."""
+        self.validation_step(batch, batch_idx, dataloader_idx)
+
+    def on_test_epoch_end(self) -> None:
+        """Log ``test/<source>/loss``, ``test/loss`` and per-source routing."""
+        self.test_losses, self.test_routing = self._log_source_metrics("test")
+
+    def _log_source_metrics(self, prefix: str) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+        """Reduce the per-source sums over ranks and log them under ``prefix``; returns (losses, routing shares)."""
+        losses: dict[str, float] = {}
+        routing_shares: dict[str, torch.Tensor] = {}
         if not self._val_sums:
-            return
+            return losses, routing_shares
         names = list(self._val_sums)
         stacked = torch.stack(
             [torch.cat([s["loss"][None], s["tokens"][None], s["routing"]]) for s in self._val_sums.values()]
@@ -405,27 +425,27 @@ class MoLELightningModule(pl.LightningModule):
             stacked = self.trainer.strategy.reduce(stacked, reduce_op="sum")
         metrics: dict[str, float] = {}
         total_loss, total_tokens = 0.0, 0.0
-        self.val_routing, self.val_losses = {}, {}
         for name, row in zip(names, stacked.cpu()):
             loss_sum, tokens, routing = float(row[0]), float(row[1]), row[2:]
             if tokens == 0:
                 continue
             loss = loss_sum / tokens
-            self.val_losses[name] = loss
-            metrics[f"val/{name}/loss"] = loss
-            metrics[f"val/{name}/ppl"] = math.exp(min(loss, 50.0))
+            losses[name] = loss
+            metrics[f"{prefix}/{name}/loss"] = loss
+            metrics[f"{prefix}/{name}/ppl"] = math.exp(min(loss, 50.0))
             total_loss += loss_sum
             total_tokens += tokens
             if routing.sum() > 0:
                 fractions = (routing / routing.sum()).float()
-                self.val_routing[name] = fractions
+                routing_shares[name] = fractions
                 for expert, value in enumerate(fractions.tolist()):
-                    metrics[f"val/{name}/expert{expert}"] = value
+                    metrics[f"{prefix}/{name}/expert{expert}"] = value
         if total_tokens > 0:
-            metrics["val/loss"] = total_loss / total_tokens
+            metrics[f"{prefix}/loss"] = total_loss / total_tokens
         self.log_dict(metrics, prog_bar=False, sync_dist=False, add_dataloader_idx=False)
-        if "val/loss" in metrics:
-            self.log("val_loss", metrics["val/loss"], prog_bar=True, add_dataloader_idx=False)
+        if f"{prefix}/loss" in metrics:
+            self.log(f"{prefix}_loss", metrics[f"{prefix}/loss"], prog_bar=True, add_dataloader_idx=False)
+        return losses, routing_shares
 
     # ------------------------------------------------------------------------------------------------- predict
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
