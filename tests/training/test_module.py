@@ -324,3 +324,17 @@ def test_test_loop_reports_the_same_per_source_losses_as_validation(demo_data, t
     for name in datamodule.val_source_names:
         assert tested[f"test/{name}/loss"] == pytest.approx(validated[f"val/{name}/loss"], rel=1e-6)
     assert module.test_losses.keys() == module.val_losses.keys()
+
+
+def test_load_from_checkpoint_rebuilds_the_module_with_its_trained_tensors(demo_data, train_batches, tmp_path):
+    from mole_lightning.training import MoLELightningModule
+
+    module = make_module(demo_data, optimizer=sgd(0.05))
+    checkpoint = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
+    trainer(tmp_path, max_steps=2, enable_checkpointing=True, callbacks=[checkpoint]).fit(
+        module, train_dataloaders=loader(train_batches)
+    )
+    restored = MoLELightningModule.load_from_checkpoint(str(tmp_path / "ckpt" / "last.ckpt"), weights_only=True)
+    assert restored.model is not None and restored.resolved_mole_config() == module.resolved_mole_config()
+    for name, value in trainable(module.model).items():
+        assert torch.equal(dict(restored.model.named_parameters())[name], value), name

@@ -87,6 +87,10 @@ class MoLELightningModule(pl.LightningModule):
         max_new_tokens: int = 32,
     ) -> None:
         super().__init__()
+        if isinstance(architecture, dict):  # hyper-parameters of a checkpoint (load_from_checkpoint)
+            architecture = ModelSpec(**architecture)
+        if isinstance(mole, dict):
+            mole = MoLEConfig.from_dict(mole)
         self.architecture = architecture if architecture is not None else ModelSpec()
         # plain types only, so checkpoints load with torch.load(weights_only=True)
         self.save_hyperparameters(
