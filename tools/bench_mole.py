@@ -4,7 +4,9 @@ Every variant of a group sees the same inputs, base weights and router; repetiti
 and medians reported, with every ratio to our plain LoRA of the same rank. Training shape: forward + backward of a
 Llama MLP (gate/up/down) with the input requiring grad; decode shape: forward only, T = 1..16 tokens.
 
-Memory: bytes of activations saved for backward (any device), and peak allocated memory on CUDA.
+Memory: bytes of activations saved for backward (any device), and peak allocated memory on CUDA. Besides wall-clock
+medians, the table gives the ratio of minima and of median process CPU time, which other load on the machine
+disturbs less than wall-clock time.
 
     python tools/bench_mole.py                       # CPU grid of the docs (about 10 minutes on 2 cores)
     python tools/bench_mole.py --quick               # K=3, r=32, balanced only
@@ -38,6 +40,8 @@ class Result:
     group: str
     variant: str
     median_ms: float
+    min_ms: float
+    cpu_median_ms: float
     p10_ms: float
     p90_ms: float
     saved_mib: float
@@ -140,14 +144,16 @@ def time_group(
             step()
     sync()
     times: dict[str, list[float]] = {name: [] for name in steps}
+    cpu_times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):
         for name, step in steps.items():  # interleaved: every variant once per round
             sync()
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             for _ in range(iters):
                 step()
             sync()
             times[name].append((time.perf_counter() - start) * 1000 / iters)
+            cpu_times[name].append((time.process_time() - cpu_start) * 1000 / iters)
     results = []
     for name, step in steps.items():
         peak = None
@@ -163,6 +169,8 @@ def time_group(
                 group=group,
                 variant=name,
                 median_ms=statistics.median(ts),
+                min_ms=ts[0],
+                cpu_median_ms=statistics.median(cpu_times[name]),
                 p10_ms=ts[max(0, int(0.1 * len(ts)))],
                 p90_ms=ts[min(len(ts) - 1, int(0.9 * len(ts)))],
                 saved_mib=saved,
@@ -229,12 +237,17 @@ def check_impls_agree(variants: dict[str, nn.Module], x: torch.Tensor, grad_out:
 
 def print_results(title: str, results: list[Result]) -> None:
     print(f"\n### {title}")
-    print("| variant | median ms | p10–p90 ms | × plain LoRA | saved act. MiB | peak MiB |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| variant | median ms | p10–p90 ms | × plain LoRA | min × plain LoRA | CPU-time × plain LoRA "
+        "| saved act. MiB | peak MiB |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    lora = next(r for r in results if r.variant == "lora")
     for r in results:
         peak = "–" if r.peak_mib is None else f"{r.peak_mib:.0f}"
         print(
             f"| {r.variant} | {r.median_ms:.2f} | {r.p10_ms:.2f}–{r.p90_ms:.2f} | {r.ratio_to_lora:.3f} "
+            f"| {r.min_ms / lora.min_ms:.3f} | {r.cpu_median_ms / lora.cpu_median_ms:.3f} "
             f"| {r.saved_mib:.1f} | {peak} |"
         )
 
