@@ -64,6 +64,8 @@ def test_validation_loaders_per_source_and_generation_batches(demo):
         batches = list(loader)
         assert [len(b["id"]) for b in batches] == [16, 4]
         assert {s for b in batches for s in b["source"]} == {name}
+    test_loaders = datamodule.test_dataloader()
+    assert [{s for b in loader for s in b["source"]} for loader in test_loaders] == [{"general"}, {"doc"}, {"med"}]
     batch = next(iter(datamodule.generation_dataloaders()["med"]))
     assert batch["attention_mask"][:, -1].all()  # left padded
     assert all(a in (["yes"], ["no"], ["normal tissue"], ["abnormal tissue"]) for a in batch["answers"])

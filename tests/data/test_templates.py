@@ -182,3 +182,20 @@ def test_unknown_template_and_missing_image_token_are_clear_errors(tokenizer):
     plain = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
     with pytest.raises(ValueError, match="<image>"):
         image_token_id(plain)
+
+
+@pytest.mark.parametrize("answer", ["a red circle", "B", "no"])  # "B", "no": the demo BPE splits off the space
+@pytest.mark.parametrize("template", ["vicuna_v1", "llama3", "chatml", "plain"])
+def test_tokens_after_the_generation_prompt_are_exactly_the_learned_ones(tokenizer, template, answer):
+    """What generation must produce after the prompt (the separator space included) is what training learns."""
+    one_turn = [TWO_TURNS[0], {"from": "gpt", "value": answer}]
+    prompt = encode_prompt(one_turn, tokenizer, template=template, num_image_tokens=N)["input_ids"]
+    encoded = encode_conversation(one_turn, tokenizer, template=template, num_image_tokens=N)
+    ids, labels = encoded["input_ids"], encoded["labels"]
+    assert torch.equal(ids[: len(prompt)], prompt)
+    learned = (labels != IGNORE_INDEX).tolist()
+    after_prompt = learned[len(prompt) :]
+    assert not any(learned[: len(prompt)])
+    assert after_prompt[0], "the first token generated after the prompt must be learned"
+    first_unlearned = after_prompt.index(False) if False in after_prompt else len(after_prompt)
+    assert not any(after_prompt[first_unlearned:])  # only template text after the end token (chatml's newline)

@@ -295,6 +295,10 @@ class MixedInstructionDataModule(pl.LightningDataModule):
         mode = "generate" if self.val_mode == "generate" else "train"
         return [self.source_loader(name, mode) for name in self.val_source_names]
 
+    def test_dataloader(self) -> list[CountingLoader]:
+        """Same as :meth:`val_dataloader` (``Trainer.test`` on the validation sources, one loader per source)."""
+        return self.val_dataloader()
+
     def generation_dataloaders(self) -> dict[str, CountingLoader]:
         """``{source: loader}`` of prompt-only, left-padded batches with ``answers`` over the validation sources."""
         return {name: self.source_loader(name, "generate") for name in self.val_source_names}

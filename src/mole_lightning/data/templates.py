@@ -125,8 +125,8 @@ def render_vicuna_v1(
         if message.role == "user":
             out.add(f"USER: {message.text} ")
         else:
-            out.add("ASSISTANT: ")
-            out.add(message.text + eos, learned=True)
+            out.add("ASSISTANT:")  # the generation prompt ends here, so the separator space belongs to the reply
+            out.add(" " + message.text + eos, learned=True)
     if add_generation_prompt:
         out.add("ASSISTANT:")
         return out.build(out.length)
@@ -323,14 +323,19 @@ def _tokenize_rendered(
     ids: list[int] = list(encoding["input_ids"])
     learned: list[bool] = []
     spans = rendered.learned_spans
-    for start, stop in encoding["offset_mapping"]:
+    for raw_start, raw_stop in encoding["offset_mapping"]:
         # Shrink the token's span to its non-whitespace characters so that " a" starting before a reply counts as
-        # part of the reply while a pure-whitespace separator token does not.
+        # part of the reply. A whitespace-only token is learned when it lies inside a learned span (e.g. the space
+        # between "ASSISTANT:" and the reply, which the model must generate after the generation prompt).
+        start, stop = raw_start, raw_stop
         while start < stop and text[start].isspace():
             start += 1
         while stop > start and text[stop - 1].isspace():
             stop -= 1
-        learned.append(start < stop and any(start < s_end and stop > s_start for s_start, s_end in spans))
+        if start < stop:
+            learned.append(any(start < s_end and stop > s_start for s_start, s_end in spans))
+        else:
+            learned.append(any(s_start <= raw_start and raw_stop <= s_end for s_start, s_end in spans))
     return ids, learned
 
 
