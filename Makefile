@@ -29,8 +29,13 @@ demo: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m mole_lightning fit --config configs/demo.yaml  # 1 core computes, 1 loads data
 	@echo "TensorBoard logs: runs/demo   (view: $(VENV)/bin/tensorboard --logdir runs/demo)"
 	@echo "Checkpoints:      runs/demo/checkpoints (last.ckpt; resume: mole-train fit --config configs/demo.yaml --ckpt_path last)"
+	OMP_NUM_THREADS=1 $(PY) -m mole_lightning predict --config configs/demo.yaml \
+		--ckpt_path runs/demo/checkpoints/last.ckpt > runs/demo/predict.log 2>&1
+	@echo "Predictions:      runs/demo/predictions/predictions.jsonl (scores: runs/demo/predictions/metrics.json)"
 	@echo "Per-source validation (runs/demo/source_table.md):"
 	@cat runs/demo/source_table.md
+	@echo "Per-source generation metrics (runs/demo/gen_eval.txt):"
+	@cat runs/demo/gen_eval.txt
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -90,7 +90,8 @@ def test_callback_scores_constant_answers_in_validate(tmp_path, demo):
     dm = make_datamodule(demo)
     tokenizer = load_tokenizer(demo.tokenizer)
     module = EvalModule(ConstantAnswerModel(tokenizer, "Yes, it is."))
-    callback = GenerationEvalCallback(max_samples_per_source=7, log_routing=False)
+    table_path = tmp_path / "tables" / "gen_eval.txt"
+    callback = GenerationEvalCallback(max_samples_per_source=7, log_routing=False, table_path=str(table_path))
     trainer = _trainer(tmp_path, [callback], limit_val_batches=1)
     logged = trainer.validate(module, datamodule=dm)[0]
 
@@ -108,6 +109,10 @@ def test_callback_scores_constant_answers_in_validate(tmp_path, demo):
         assert results["general/mc/unparsed"] == 1.0
     assert logged["gen_eval/med/yesno/yes_ratio"] == 1.0
     assert logged["gen_eval/overall/count"] == 21
+    table = table_path.read_text().splitlines()
+    assert table[0].startswith("generation eval at step")
+    med_row = next(line.split() for line in table if line.startswith("med "))
+    assert med_row[1] == "7" and float(med_row[2]) == pytest.approx(results["med/score"], abs=1e-3)
 
 
 def test_prediction_writer_one_line_per_sample(tmp_path, demo):

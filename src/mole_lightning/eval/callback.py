@@ -19,7 +19,9 @@ The best value of ``monitor`` and its step are kept (and saved with checkpoints)
 from __future__ import annotations
 
 import math
+import os
 import warnings
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -164,6 +166,7 @@ class GenerationEvalCallback(Callback):
         log_routing: Count the routing of the prompt tokens and log MI(source; expert) per layer and heatmaps.
         routing_figures: Add routing heatmap figures to TensorBoard (with ``log_routing``).
         print_table: Print the per-source metric table on rank 0 after each evaluation.
+        table_path: Also write the latest per-source metric table (with its step) to this text file on rank 0.
         generation_kwargs: Extra ``generate`` options (e.g. ``{"repetition_penalty": 1.0}``); greedy by default.
         sync_generation: Make every rank run the same number of ``generate`` calls (ranks short of samples repeat
             a batch whose answers are discarded) with ``synced_gpus=True``, as sharded models (FSDP2) need.
@@ -185,6 +188,7 @@ class GenerationEvalCallback(Callback):
         log_routing: bool = True,
         routing_figures: bool = True,
         print_table: bool = False,
+        table_path: str | None = None,
         generation_kwargs: dict[str, Any] | None = None,
         sync_generation: bool | None = None,
     ) -> None:
@@ -206,6 +210,7 @@ class GenerationEvalCallback(Callback):
         self.log_routing = log_routing
         self.routing_figures = routing_figures
         self.print_table = print_table
+        self.table_path = table_path
         self.generation_kwargs = dict(generation_kwargs or {})
         self.sync_generation = sync_generation
         self.best_score: float | None = None
@@ -380,6 +385,14 @@ class GenerationEvalCallback(Callback):
                     )
             if self.print_table:
                 rank_zero_info(f"[{self.prefix}] step {step}\n{self.last_table}")
+            if self.table_path:
+                path = Path(self.table_path)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                partial = path.with_name(path.name + ".partial")
+                partial.write_text(
+                    f"generation eval at step {step} ({self.monitor} best: {self.best_score})\n{self.last_table}\n"
+                )
+                os.replace(partial, path)
 
     @staticmethod
     def _sources(results: dict[str, float]) -> list[str]:
