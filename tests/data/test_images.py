@@ -90,3 +90,15 @@ def test_invalid_aspect_and_corrupt_bytes_raise():
         ImageProcessor(8, aspect="stretch")
     with pytest.raises(Exception):  # noqa: B017 - PIL raises UnidentifiedImageError / OSError variants
         ImageProcessor(8)(b"not an image")
+
+
+def test_resampling_matches_pil_bicubic_within_one_grey_level():
+    gen = np.random.default_rng(0)
+    photo = Image.fromarray((gen.random((48, 64, 3)) * 255).astype(np.uint8))
+    processor = ImageProcessor(image_size=36, aspect="pad")
+    reference = Image.new("RGB", (36, 36), processor.fill)
+    reference.paste(photo.resize((36, 27), Image.Resampling.BICUBIC), (0, 4))  # PIL: resize, then centre on the fill
+    ours = processor.to_square(photo)
+    assert ours.dtype == torch.uint8 and ours.shape == (3, 36, 36)
+    expected = torch.from_numpy(np.asarray(reference).copy()).permute(2, 0, 1).int()
+    assert (ours.int() - expected).abs().max() <= 1

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from PIL import Image
+from torchvision.transforms.v2.functional import InterpolationMode, resize
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -101,27 +102,32 @@ class ImageProcessor:
         image.load()
         return image
 
-    def to_square(self, image: Image.Image) -> Image.Image:
-        """Applies ``to_rgb`` and the aspect policy; returns an ``image_size`` square RGB image."""
+    def to_square(self, image: Image.Image) -> torch.Tensor:
+        """Applies ``to_rgb`` and the aspect policy; returns the ``(3, image_size, image_size)`` uint8 pixels.
+
+        Resampling is bicubic with antialiasing on uint8 tensors (torchvision), which equals PIL's bicubic resize up
+        to one grey level and is several times faster.
+        """
         image = to_rgb(image)
         size = self.image_size
         width, height = image.size
-        target = self._target_size(width, height)
-        if target != (width, height):
-            image = image.resize(target, Image.Resampling.BICUBIC, reducing_gap=3.0)
-        if self.aspect == "pad" and target != (size, size):
-            canvas = Image.new("RGB", (size, size), self.fill)
-            canvas.paste(image, ((size - target[0]) // 2, (size - target[1]) // 2))
-            image = canvas
-        elif self.aspect == "crop" and target != (size, size):
-            left, top = (target[0] - size) // 2, (target[1] - size) // 2
-            image = image.crop((left, top, left + size, top + size))
-        return image
+        pixels = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1)  # (3, H, W)
+        target_w, target_h = self._target_size(width, height)
+        if (target_w, target_h) != (width, height):
+            pixels = resize(pixels, [target_h, target_w], interpolation=InterpolationMode.BICUBIC, antialias=True)
+        if self.aspect == "pad" and (target_w, target_h) != (size, size):
+            canvas = torch.tensor(self.fill, dtype=torch.uint8).view(3, 1, 1).repeat(1, size, size)  # (3, S, S)
+            left, top = (size - target_w) // 2, (size - target_h) // 2
+            canvas[:, top : top + target_h, left : left + target_w] = pixels
+            pixels = canvas
+        elif self.aspect == "crop" and (target_w, target_h) != (size, size):
+            left, top = (target_w - size) // 2, (target_h - size) // 2
+            pixels = pixels[:, top : top + size, left : left + size]
+        return pixels
 
-    def normalize(self, image: Image.Image) -> torch.Tensor:
-        """RGB image → ``(3, H, W)`` float32 tensor, ``(x / 255 - mean) / std``."""
-        array = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1)
-        return torch.addcmul(self._negative_shift, array.float(), self._scale)  # one fused pass: x*scale - shift
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``(3, H, W)`` uint8 pixels → float32 tensor, ``(x / 255 - mean) / std``."""
+        return torch.addcmul(self._negative_shift, pixels.float(), self._scale)  # one fused pass: x*scale - shift
 
     def __call__(self, image: bytes | Image.Image) -> torch.Tensor:
         """Processes encoded bytes or a PIL image into the tower's normalized input tensor."""
