@@ -289,6 +289,12 @@ def test_checkpoint_holds_only_trainable_tensors_written_atomically_and_exports(
         got = load_adapters_into(**model_inputs(train_batches[0])).logits
     torch.testing.assert_close(got, ref)
 
+    from_export = make_module(demo_data, adapter_path=str(export))  # e.g. mole-train predict --model.adapter_path
+    from_export.configure_model()
+    from_export.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(from_export.model(**model_inputs(train_batches[0])).logits, ref)
+
     broken = dict(state)
     broken["state_dict"] = {k: v for k, v in state["state_dict"].items() if "router" not in k}
     fresh2 = make_module(demo_data)

@@ -69,6 +69,9 @@ class MoLELightningModule(pl.LightningModule):
         max_nonfinite_in_a_row: Consecutive non-finite losses tolerated (each one skips its step) before the run
             stops with an error.
         max_new_tokens: Tokens generated per prompt in :meth:`predict_step`.
+        adapter_path: Directory of an adapter export (``tools/export_adapter.py``: ``adapter_model.safetensors`` +
+            ``adapter_config.json``) loaded onto the built model, e.g. to ``validate``/``test``/``predict`` an
+            export, or to start training from one. Its MoLE config must match ``mole``.
     """
 
     def __init__(
@@ -85,6 +88,7 @@ class MoLELightningModule(pl.LightningModule):
         routing_log_every_n_steps: int | None = None,
         max_nonfinite_in_a_row: int = 5,
         max_new_tokens: int = 32,
+        adapter_path: str | None = None,
     ) -> None:
         super().__init__()
         if isinstance(architecture, dict):  # hyper-parameters of a checkpoint (load_from_checkpoint)
@@ -103,6 +107,7 @@ class MoLELightningModule(pl.LightningModule):
                 "gradient_checkpointing": gradient_checkpointing,
                 "model_seed": model_seed,
                 "max_new_tokens": max_new_tokens,
+                "adapter_path": adapter_path,
             }
         )
         self.mole_config = mole
@@ -116,6 +121,7 @@ class MoLELightningModule(pl.LightningModule):
         self.routing_log_every_n_steps = routing_log_every_n_steps
         self.max_nonfinite_in_a_row = max_nonfinite_in_a_row
         self.max_new_tokens = max_new_tokens
+        self.adapter_path = adapter_path
         self.strict_loading = False  # checkpoints hold trainable tensors only; on_load_checkpoint checks the keys
         self.model: nn.Module | None = None
 
@@ -190,6 +196,10 @@ class MoLELightningModule(pl.LightningModule):
         if self.model is not None:
             return
         model = self.build_model()
+        if self.adapter_path is not None:
+            from mole_lightning.models import load_adapters
+
+            load_adapters(model, self.adapter_path)
         if self.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         mesh = self._device_mesh if hasattr(self, "_device_mesh") else None
@@ -561,5 +571,5 @@ class MoLELightningModule(pl.LightningModule):
         values["architecture"] = ModelSpec(**values["architecture"]) if values.get("architecture") else None
         values["mole"] = MoLEConfig.from_dict(values["mole"]) if values.get("mole") else None
         known = {"architecture", "mole", "tokenizer", "projector_lr", "router_lr", "gradient_checkpointing"}
-        known |= {"model_seed", "max_new_tokens"}
+        known |= {"model_seed", "max_new_tokens", "adapter_path"}
         return cls(**{k: v for k, v in values.items() if k in known})
