@@ -33,6 +33,7 @@ MM_LLM = {
     "num_key_value_heads": 2,
     "max_position_embeddings": 1024,
     "tie_word_embeddings": False,
+    "initializer_range": 0.15,  # as configs/demo.yaml: a frozen random head at the default scale stalls near ln(V)
 }
 
 
