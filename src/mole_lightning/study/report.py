@@ -252,6 +252,17 @@ def markdown_report(payload: dict[str, Any], summary: dict[str, Any], plots: lis
     return "\n".join(lines) + "\n"
 
 
+def _save_figure(fig: Any, out_dir: str, name: str) -> str:
+    """Lay out, write ``out_dir/name`` as PNG, close the figure; returns the path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = os.path.join(out_dir, name)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def make_plots(summary: dict[str, Any], out_dir: str) -> list[str]:
     """Learning curves (loss and EM, mean and worst domain) and routing plots as PNG files; returns the paths."""
     import matplotlib
@@ -288,11 +299,7 @@ def make_plots(summary: dict[str, Any], out_dir: str) -> list[str]:
         axes[0].set_ylabel(ylabel)
         axes[1].legend(fontsize=8)
         fig.suptitle(f"{ylabel}: mean ± sd over seeds")
-        fig.tight_layout()
-        path = os.path.join(out_dir, f"curves_{metric}.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save_figure(fig, out_dir, f"curves_{metric}.png"))
 
     routing = summary["routing"]
     if routing:
@@ -312,11 +319,7 @@ def make_plots(summary: dict[str, Any], out_dir: str) -> list[str]:
             ax.set_xlabel("layer")
             ax.legend(fontsize=8)
             ax.grid(alpha=0.3, axis="y")
-        fig.tight_layout()
-        path = os.path.join(out_dir, "routing_mi.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save_figure(fig, out_dir, "routing_mi.png"))
 
         for j, (m, runs) in enumerate(routing.items()):
             layers = runs[0]["layers"]
@@ -331,9 +334,5 @@ def make_plots(summary: dict[str, Any], out_dir: str) -> list[str]:
                 if li == 0:
                     ax.set_ylabel("domain")
             fig.suptitle(f"{m}: domain × expert usage (seed {runs[0]['seed']})")
-            fig.tight_layout()
-            path = os.path.join(out_dir, f"routing_usage_{j}.png")
-            fig.savefig(path, dpi=110)
-            plt.close(fig)
-            paths.append(path)
+            paths.append(_save_figure(fig, out_dir, f"routing_usage_{j}.png"))
     return paths
