@@ -79,7 +79,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--eval-per-domain", type=int, default=128)
     g.add_argument("--impl", default="auto", help="MoLE compute path (auto, grouped, dense_masked, loop)")
     g = p.add_argument_group("methods, seeds, reporting")
-    g.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma list from {','.join(METHOD_KINDS)}")
+    g.add_argument(
+        "--methods",
+        default=DEFAULT_METHODS,
+        help=f"comma list from {','.join(METHOD_KINDS)}; kind@lr gives a method its own peak lr (dense@0.0025)",
+    )
     g.add_argument(
         "--mole-variants",
         default=DEFAULT_MOLE_VARIANTS,

@@ -104,6 +104,28 @@ def test_dense_baseline_is_parameter_matched() -> None:
     assert counts["dense"][0] > counts["mix"][0]
 
 
+def test_method_learning_rate_suffix() -> None:
+    from mole_lightning.study.methods import make_methods
+
+    specs = make_methods(
+        ["mix", "dense@0.0025", "mole@1e-3"], 2, 3, [("prob", "switch", 0.01), ("none", "pooled", 0.05)]
+    )
+    assert [s.name for s in specs] == [
+        "mix",
+        "dense[r=6,lr=0.0025]",
+        "mole[prob,switch=0.01,lr=0.001]",
+        "mole[none,pooled=0.05,lr=0.001]",
+    ]
+    assert [s.lr for s in specs] == [None, 0.0025, 1e-3, 1e-3]
+    assert specs[1].mlp_rank == 6 and specs[1].kind == "dense"
+    with pytest.raises(ValueError, match="learning rate"):
+        make_methods(["dense@fast"], 2, 3, [])
+    with pytest.raises(ValueError, match="> 0"):
+        make_methods(["mix@0"], 2, 3, [])
+    with pytest.raises(ValueError, match="unknown method"):
+        make_methods(["lora@0.1"], 2, 3, [])
+
+
 @pytest.mark.slow
 def test_quick_mode_writes_table(tmp_path) -> None:
     tool = _load_tool()
@@ -120,6 +142,11 @@ def test_quick_mode_writes_table(tmp_path) -> None:
     payload = json.loads((out / "results.json").read_text())
     assert len(payload["stage0"]) == 2
     # stage 0 is cached by its settings: a rerun skips it
-    assert tool.main(argv + ["--methods", "mix"]) == 0
+    assert tool.main(argv + ["--methods", "mix,mix@1e-9"]) == 0
     payload = json.loads((out / "results.json").read_text())
     assert all(s["cached"] for s in payload["stage0"])
+    # a method's own lr is the one it trains with: at 1e-9 the held-out loss does not move, at the shared lr it drops
+    curves = {r["method"]: np.asarray(r["loss"]).mean(1) for r in payload["results"] if r["seed"] == 0}
+    frozen, trained = curves["mix[lr=1e-09]"], curves["mix"]
+    assert frozen[-1] == pytest.approx(frozen[0], abs=1e-4)
+    assert trained[-1] < trained[0] - 0.1

@@ -50,6 +50,7 @@ class MethodSpec:
         balance_coef: balance-loss weight.
         z_loss_coef: router z-loss weight.
         data_mult: samples per domain relative to the base count (2 for ``mix2x``).
+        lr: peak learning rate of this method; None uses the schedule's shared one.
     """
 
     name: str
@@ -61,6 +62,7 @@ class MethodSpec:
     balance_coef: float = 0.0
     z_loss_coef: float = 0.0
     data_mult: int = 1
+    lr: float | None = None
 
     @property
     def routed(self) -> bool:
@@ -76,30 +78,56 @@ def make_methods(
 ) -> list[MethodSpec]:
     """Method specs from kind names; ``mole`` expands into one spec per (gate, balance, coef) variant.
 
+    A kind may carry its own peak learning rate as ``kind@lr`` (``dense@0.0025``), so a baseline can be run at
+    the learning rate that suits its rank next to the shared one; the lr then appears in the method's name.
+
     Args:
-        kinds: subset of `METHOD_KINDS`, in the order wanted.
+        kinds: subset of `METHOD_KINDS` (optionally ``kind@lr``), in the order wanted.
         rank: r, the LoRA rank of attention adapters and of every expert.
         num_experts: K.
         mole_variants: (gate, balance, balance_coef) triples for ``mole``.
         z_loss_coef: router z-loss weight for routed methods.
     """
     specs: list[MethodSpec] = []
-    for kind in kinds:
+    for item in kinds:
+        kind, _, lr_text = item.partition("@")
         if kind not in METHOD_KINDS:
             raise ValueError(f"unknown method {kind!r}; choose from {METHOD_KINDS}")
+        lr = _parse_lr(item, lr_text)
+        tag = "" if lr is None else f"lr={lr:g}"
         if kind in ("single", "mix"):
-            specs.append(MethodSpec(kind, kind, 1, rank))
+            specs.append(MethodSpec(_name(kind, tag), kind, 1, rank, lr=lr))
         elif kind == "mix2x":
-            specs.append(MethodSpec(kind, kind, 1, rank, data_mult=2))
+            specs.append(MethodSpec(_name(kind, tag), kind, 1, rank, data_mult=2, lr=lr))
         elif kind == "dense":
-            specs.append(MethodSpec(f"dense[r={num_experts * rank}]", kind, 1, num_experts * rank))
+            specs.append(MethodSpec(_name("dense", f"r={num_experts * rank}", tag), kind, 1, num_experts * rank, lr=lr))
         elif kind == "soft":
-            specs.append(MethodSpec("soft", kind, num_experts, rank, gate="soft", z_loss_coef=z_loss_coef))
+            name = _name("soft", tag)
+            specs.append(MethodSpec(name, kind, num_experts, rank, gate="soft", z_loss_coef=z_loss_coef, lr=lr))
         else:
             for gate, balance, coef in mole_variants:
-                name = f"mole[{gate},{balance}={coef:g}]"
-                specs.append(MethodSpec(name, kind, num_experts, rank, gate, balance, coef, z_loss_coef))
+                name = _name("mole", gate, f"{balance}={coef:g}", tag)
+                specs.append(MethodSpec(name, kind, num_experts, rank, gate, balance, coef, z_loss_coef, lr=lr))
     return specs
+
+
+def _parse_lr(item: str, text: str) -> float | None:
+    """The ``lr`` of a ``kind@lr`` method item (None without ``@``)."""
+    if not text:
+        return None
+    try:
+        lr = float(text)
+    except ValueError:
+        raise ValueError(f"method {item!r}: the part after '@' must be a learning rate, e.g. dense@0.0025") from None
+    if not lr > 0:
+        raise ValueError(f"method {item!r}: learning rate must be > 0")
+    return lr
+
+
+def _name(kind: str, *tags: str) -> str:
+    """``mole[prob,switch=0.01]``-style label; no brackets without tags."""
+    tags = tuple(t for t in tags if t)
+    return f"{kind}[{','.join(tags)}]" if tags else kind
 
 
 def parse_variants(text: str) -> list[tuple[str, str, float]]:
@@ -311,7 +339,8 @@ def run_job(job: JobSpec) -> JobResult:
     adapt_model(model, method, train)
     params, activated = adapter_counts(model, method)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=train.lr, weight_decay=0.0)
+    peak_lr = train.lr if method.lr is None else method.lr
+    opt = torch.optim.AdamW(trainable, lr=peak_lr, weight_decay=0.0)
 
     steps_per_epoch = len(data) // train.batch
     total_steps = steps_per_epoch * train.epochs
@@ -336,7 +365,7 @@ def run_job(job: JobSpec) -> JobResult:
             idx = order[b * train.batch : (b + 1) * train.batch]
             ids, labels = data.input_ids[idx], data.labels[idx]  # (B, S)
             for group in opt.param_groups:
-                group["lr"] = train.lr * lr_factor(step, total_steps)
+                group["lr"] = peak_lr * lr_factor(step, total_steps)
             mask = torch.ones_like(ids)
             with routing_mask(model, mask):
                 out = model(input_ids=ids, attention_mask=mask, labels=labels)

@@ -90,7 +90,7 @@ def run_mm_job(job: dict[str, Any]) -> dict[str, Any]:
         balance_coef=method.balance_coef,
         z_loss_coef=method.z_loss_coef,
     )
-    lr = job["lr"]
+    lr = job["lr"] if method.lr is None else method.lr
     module = MoLELightningModule(
         architecture=ModelSpec(preset="tiny", llm_config=dict(MM_LLM)),
         mole=mole,
