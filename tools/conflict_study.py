@@ -13,6 +13,7 @@ Examples::
     python tools/conflict_study.py --setting cue --out out/conflict_cue  # single-cue setting
     python tools/conflict_study.py --quick --out /tmp/cs_quick           # ~1 minute smoke run
     python tools/conflict_study.py --report-only --out out/conflict_study
+    python tools/conflict_study.py --compare out/conflict_study out/conflict_cue --out out  # one table of runs
     python tools/conflict_study.py --multimodal --out out/conflict_mm    # demo image domains
 """
 
@@ -40,7 +41,7 @@ from mole_lightning.study.methods import (
     parse_variants,
     run_job,
 )
-from mole_lightning.study.report import build_summary, make_plots, markdown_report
+from mole_lightning.study.report import build_summary, comparison_table, make_plots, markdown_report
 from mole_lightning.study.tasks import TaskConfig
 
 DEFAULT_METHODS = "single,mix,mix2x,dense,mole"
@@ -55,6 +56,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny settings for a smoke run (about a minute)")
     p.add_argument("--multimodal", action="store_true", help="the same comparison on the demo image domains")
     p.add_argument("--report-only", action="store_true", help="rebuild report and plots from --out/results.json")
+    p.add_argument(
+        "--compare",
+        nargs="+",
+        metavar="DIR",
+        help="summarise finished study folders (their results.json) in one table, written to --out/compare.md",
+    )
     g = p.add_argument_group("task")
     g.add_argument("--setting", choices=("style", "cue"), default="style")
     g.add_argument("--domains", type=int, default=6, help="D, number of domains")
@@ -218,6 +225,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "results.json")
+    if args.compare:
+        runs = []
+        for folder in args.compare:
+            with open(os.path.join(folder, "results.json")) as f:
+                runs.append((os.path.basename(os.path.normpath(folder)), json.load(f)))
+        table = comparison_table(runs)
+        with open(os.path.join(args.out, "compare.md"), "w") as f:
+            f.write(table)
+        print(table)
+        return 0
     if args.report_only:
         with open(path) as f:
             payload = json.load(f)

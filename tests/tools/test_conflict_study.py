@@ -150,3 +150,54 @@ def test_quick_mode_writes_table(tmp_path) -> None:
     frozen, trained = curves["mix[lr=1e-09]"], curves["mix"]
     assert frozen[-1] == pytest.approx(frozen[0], abs=1e-4)
     assert trained[-1] < trained[0] - 0.1
+
+
+def _result(method: str, seed: int, final: list[float], domain: int | None = None, routing=None) -> dict:
+    loss = [[3.0] * len(final), final]  # (P=2, D): start on the plateau, end at `final`
+    return {
+        "method": method,
+        "seed": seed,
+        "domain": domain,
+        "samples": [0, 100],
+        "loss": loss,
+        "em": [[0.0] * len(final), [1.0] * len(final)],
+        "params": 10,
+        "activated": 5,
+        "routing": routing or [],
+    }
+
+
+def test_comparison_table_by_hand() -> None:
+    from mole_lightning.study.report import comparison_table
+
+    diag = {"domain": [[50, 0], [0, 50]], "domain_answer": [[10, 0], [0, 10]], "token": [[5, 5], [5, 5]]}
+    results = []
+    for seed, (mix, mole, dense_a, dense_b) in enumerate([(1.0, 0.2, 0.4, 0.9), (0.6, 0.4, 0.2, 0.8)]):
+        results += [_result("single", seed, [0.1], domain=d) for d in (0, 1)]
+        results += [
+            _result("mix", seed, [mix, mix]),
+            _result("mole[prob,switch=0.01]", seed, [mole, mole], routing=[diag]),
+            _result("dense[r=4]", seed, [dense_a, dense_a]),
+            _result("dense[r=4,lr=0.001]", seed, [dense_b, dense_b]),
+        ]
+    payload = {
+        "config": {
+            "task": {"setting": "style", "style_purity": 0.5, "num_domains": 2},
+            "train": {"num_experts": 2},
+            "seeds": [0, 1],
+            "threshold": 0.5,
+        },
+        "methods": ["single", "mix", "dense[r=4]", "dense[r=4,lr=0.001]", "mole[prob,switch=0.01]"],
+        "results": results,
+    }
+    rows = comparison_table([("run", payload)]).strip().splitlines()
+    assert len(rows) == 3  # header, rule, one routed method
+    cells = [c.strip() for c in rows[2].strip("|").split("|")]
+    assert cells[:4] == ["run", "style, purity 0.5", "2", "2"]
+    assert cells[4] == "+0.700 (0/2)"  # mix - single: (0.9 + 0.5) / 2
+    assert cells[5] == "mole[prob,switch=0.01]: -0.500 (2/2)"  # (-0.8 - 0.2) / 2
+    assert cells[6] == "+0.000 (1/2) vs dense[r=4]"  # the better dense (mean 0.3 < 0.85): (-0.2 + 0.2) / 2
+    assert cells[7] == "–"  # no mix2x in this run
+    # reached (loss <= 0.5 at the end): mix never (1.0, 0.6), dense[r=4] always (0.4, 0.2), MoLE always (0.2, 0.4)
+    assert cells[8] == "0.00 / 1.00 / 1.00"
+    assert cells[9] == "1.000 / 1.00"  # perfect dependence on 2 equiprobable domains: MI = H(domain) = 1 bit

@@ -336,3 +336,62 @@ def make_plots(summary: dict[str, Any], out_dir: str) -> list[str]:
             fig.suptitle(f"{m}: domain × expert usage (seed {runs[0]['seed']})")
             paths.append(_save_figure(fig, out_dir, f"routing_usage_{j}.png"))
     return paths
+
+
+def _task_label(cfg: dict[str, Any]) -> str:
+    task = cfg["task"]
+    if cfg.get("multimodal"):
+        return "multimodal demo"
+    if task["setting"] == "style":
+        return f"style, purity {task.get('style_purity', float('nan')):g}"
+    return task["setting"]
+
+
+def _fmt_short(values: list[float]) -> str:
+    """``+0.123 (4/5)``: mean paired difference and how many seeds are below zero."""
+    if not values:
+        return "–"
+    return f"{np.mean(values):+.3f} ({sum(v < 0 for v in values)}/{len(values)})"
+
+
+def comparison_table(runs: list[tuple[str, dict[str, Any]]]) -> str:
+    """One markdown row per (run, routed method) across several study outputs: the claims' paired differences in
+    final answer loss, the fraction of (seed, domain) curves that reached the threshold, and the largest per-layer
+    MI(domain; expert).
+
+    ``runs`` holds (label, payload) pairs as saved in ``results.json``. "dense" is the run's parameter-matched
+    dense method with the lowest mean final loss (the strongest one when several learning rates were run), named
+    in its column.
+    """
+    lines = [
+        "| run | task | K | seeds | mix − single | MoLE − mix | MoLE − dense | MoLE − mix2x | reached mix / dense / "
+        "MoLE | max MI(domain; expert) / H(domain) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for label, payload in runs:
+        summary = build_summary(payload)
+        finals, methods, routing = summary["finals"], summary["methods"], summary["routing"]
+        cfg = payload["config"]
+
+        means = {
+            m: {k: float(np.mean([v[k] for v in finals[m].values()])) for k in ("loss", "reached")} for m in finals
+        }
+        denses = sorted((m for m in methods if m.startswith("dense")), key=lambda m: means[m]["loss"])
+        dense = denses[0] if denses else None
+        for m in [x for x in methods if x.startswith(("mole", "soft"))]:
+            reached = " / ".join(
+                "–" if x is None or x not in finals else f"{means[x]['reached']:.2f}" for x in ("mix", dense, m)
+            )
+            mi = "–"
+            if m in routing:
+                per_layer = np.array([[layer["mi_domain"] for layer in r["layers"]] for r in routing[m]])
+                h_domain = routing[m][0]["layers"][0]["h_domain"]
+                mi = f"{per_layer.mean(0).max():.3f} / {h_domain:.2f}"
+            dense_cell = "–" if dense is None else f"{_fmt_short(paired(finals, m, dense, 'loss'))} vs {dense}"
+            lines.append(
+                f"| {label} | {_task_label(cfg)} | {cfg['train']['num_experts']} | {len(cfg['seeds'])} "
+                f"| {_fmt_short(paired(finals, 'mix', 'single', 'loss'))} "
+                f"| {m}: {_fmt_short(paired(finals, m, 'mix', 'loss'))} "
+                f"| {dense_cell} | {_fmt_short(paired(finals, m, 'mix2x', 'loss'))} | {reached} | {mi} |"
+            )
+    return "\n".join(lines) + "\n"
