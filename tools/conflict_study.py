@@ -126,7 +126,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "eval_per_domain": 32,
             "seeds": 2,
             "mole_variants": "prob:switch:0.01",
-            "methods": "single,mix,mix2x,dense,mole,soft",
+            "methods": "single,mix,mix2x,mix_long,dense,mole,soft",
             "mm_per_source": 32,
             "mm_eval_per_source": 8,
             "mm_epochs": 1,
@@ -195,7 +195,9 @@ def run_text_study(args: argparse.Namespace) -> dict[str, Any]:
                 domains = range(task.num_domains) if spec.kind == "single" else [None]
                 jobs += [JobSpec(task, base, train, spec, s, info["path"], d) for d in domains]
         # longest first keeps both workers busy until the end
-        jobs.sort(key=lambda j: -(j.method.data_mult * (task.num_domains if j.domain is None else 1)))
+        jobs.sort(
+            key=lambda j: -(j.method.data_mult * j.method.epoch_mult * (task.num_domains if j.domain is None else 1))
+        )
         results = []
         for job, res in zip(jobs, pool.map(run_job, jobs)):
             final = res.loss[-1].mean()

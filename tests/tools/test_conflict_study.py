@@ -134,12 +134,15 @@ def test_quick_mode_writes_table(tmp_path) -> None:
     assert tool.main(argv) == 0
     report = (out / "report.md").read_text()
     assert "| method | params / activated |" in report
-    for name in ("single", "mix", "mix2x", "dense[r=6]", "mole[prob,switch=0.01]", "soft"):
+    for name in ("single", "mix", "mix2x", "mix_long", "dense[r=6]", "mole[prob,switch=0.01]", "soft"):
         assert f"| {name} |" in report
     assert "MI(domain; expert)" in report
+    assert "| mix2x vs mix_long |" in report
+    payload = json.loads((out / "results.json").read_text())
+    steps = {r["method"]: r["steps"][-1] for r in payload["results"] if r["seed"] == 0 and r["domain"] is None}
+    assert steps["mix_long"] == steps["mix2x"] == 2 * steps["mix"]  # twice the steps, on mix's data
     for png in ("curves_loss.png", "curves_em.png", "routing_mi.png"):
         assert (out / png).stat().st_size > 1000
-    payload = json.loads((out / "results.json").read_text())
     assert len(payload["stage0"]) == 2
     # stage 0 is cached by its settings: a rerun skips it
     assert tool.main(argv + ["--methods", "mix,mix@1e-9"]) == 0

@@ -9,14 +9,16 @@ method         MLP adapter (gate, up, down)          data                       
 ``single``     LoRA rank r                           one domain (one run per domain)  r
 ``mix``        LoRA rank r                           union of the D domain sets       r
 ``mix2x``      LoRA rank r                           union of 2x larger domain sets   r
+``mix_long``   LoRA rank r                           union, twice the epochs          r
 ``dense``      LoRA rank K*r (parameter-matched)     union                            K*r
 ``mole``       K routed rank-r experts, top-1        union                            r (+ router)
 ``soft``       K rank-r experts, softmax mixture     union                            K*r (+ router)
 =============  ====================================  ==============================  ==========================
 
 All runs use the same optimiser, batch size and number of epochs over their own data (so ``mix2x`` takes twice the
-steps of ``mix``, and ``single`` 1/D of them), and are evaluated on the same held-out per-domain sets at the same
-numbers of per-domain samples seen. Adapters are built with the project's `apply_mole`.
+steps of ``mix``, and ``single`` 1/D of them; ``mix_long`` takes the steps of ``mix2x`` on the data of ``mix``,
+which tells a gain from more data apart from a gain from more steps), and are evaluated on the same held-out
+per-domain sets at the same numbers of per-domain samples seen. Adapters are built with the project's `apply_mole`.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from mole_lightning.peft import MoLEConfig, apply_mole, collect_aux, iter_router
 from mole_lightning.study.base import BaseConfig, load_base, lr_factor
 from mole_lightning.study.tasks import DomainSet, TaskConfig, domain_rules, make_domain_sets
 
-METHOD_KINDS: tuple[str, ...] = ("single", "mix", "mix2x", "dense", "mole", "soft")
+METHOD_KINDS: tuple[str, ...] = ("single", "mix", "mix2x", "mix_long", "dense", "mole", "soft")
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,7 @@ class MethodSpec:
         balance_coef: balance-loss weight.
         z_loss_coef: router z-loss weight.
         data_mult: samples per domain relative to the base count (2 for ``mix2x``).
+        epoch_mult: epochs relative to the shared schedule (2 for ``mix_long``).
         lr: peak learning rate of this method; None uses the schedule's shared one.
     """
 
@@ -62,6 +65,7 @@ class MethodSpec:
     balance_coef: float = 0.0
     z_loss_coef: float = 0.0
     data_mult: int = 1
+    epoch_mult: int = 1
     lr: float | None = None
 
     @property
@@ -99,6 +103,8 @@ def make_methods(
             specs.append(MethodSpec(_name(kind, tag), kind, 1, rank, lr=lr))
         elif kind == "mix2x":
             specs.append(MethodSpec(_name(kind, tag), kind, 1, rank, data_mult=2, lr=lr))
+        elif kind == "mix_long":
+            specs.append(MethodSpec(_name(kind, tag), kind, 1, rank, epoch_mult=2, lr=lr))
         elif kind == "dense":
             specs.append(MethodSpec(_name("dense", f"r={num_experts * rank}", tag), kind, 1, num_experts * rank, lr=lr))
         elif kind == "soft":
@@ -343,7 +349,8 @@ def run_job(job: JobSpec) -> JobResult:
     opt = torch.optim.AdamW(trainable, lr=peak_lr, weight_decay=0.0)
 
     steps_per_epoch = len(data) // train.batch
-    total_steps = steps_per_epoch * train.epochs
+    epochs = train.epochs * method.epoch_mult
+    total_steps = steps_per_epoch * epochs
     # per-domain samples seen advance by batch / domains_in_run per step; evaluate on a grid shared by all methods
     eval_every = max(1, steps_per_epoch * train.per_domain // (per_domain * train.evals_per_epoch))
     gen = torch.Generator().manual_seed(1000 + job.seed)
@@ -359,7 +366,7 @@ def run_job(job: JobSpec) -> JobResult:
     model.train()
     record(0)
     step = 0
-    for _ in range(train.epochs):
+    for _ in range(epochs):
         order = torch.randperm(len(data), generator=gen)
         for b in range(steps_per_epoch):
             idx = order[b * train.batch : (b + 1) * train.batch]

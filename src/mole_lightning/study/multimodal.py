@@ -77,7 +77,7 @@ def run_mm_job(job: dict[str, Any]) -> dict[str, Any]:
     sources = list(MM_SOURCES) if job["source"] is None else [job["source"]]
     n = per_source * method.data_mult
     steps_per_epoch = len(sources) * n // batch
-    max_steps = steps_per_epoch * job["epochs"]
+    max_steps = steps_per_epoch * job["epochs"] * method.epoch_mult
     val_every = max(1, len(sources) * per_source // (batch * job["evals_per_epoch"]))
 
     rank = method.mlp_rank
@@ -227,7 +227,7 @@ def run_multimodal_study(args: argparse.Namespace) -> dict[str, Any]:
                         "root": os.path.join(args.out, "lightning"),
                     }
                 )
-    jobs.sort(key=lambda j: -(j["method"].data_mult * (3 if j["source"] is None else 1)))
+    jobs.sort(key=lambda j: -(j["method"].data_mult * j["method"].epoch_mult * (3 if j["source"] is None else 1)))
     start = time.perf_counter()
     with ProcessPoolExecutor(max_workers=args.workers, mp_context=mp.get_context("spawn")) as pool:
         results = []

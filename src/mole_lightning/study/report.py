@@ -191,10 +191,15 @@ def markdown_report(payload: dict[str, Any], summary: dict[str, Any], plots: lis
             (m, "mix", f"(b) {m} vs mix"),
             (m, "single", f"{m} vs single"),
             (m, "mix2x", f"(c) {m} vs mix2x"),
+            (m, "mix_long", f"{m} vs mix_long"),
         ]
         pairs += [(m, d, f"{m} vs {d}") for d in methods if d.startswith("dense")]
     pairs += [(d, "mix", f"{d} vs mix") for d in methods if d.startswith("dense")]
-    pairs += [("mix2x", "mix", "mix2x vs mix")]
+    pairs += [
+        ("mix2x", "mix", "mix2x vs mix"),
+        ("mix_long", "mix", "mix_long vs mix"),
+        ("mix2x", "mix_long", "mix2x vs mix_long"),
+    ]
     for a, b, label in pairs:
         if a not in finals or b not in finals:
             continue
@@ -264,7 +269,8 @@ def _save_figure(fig: Any, out_dir: str, name: str) -> str:
 
 
 def make_plots(summary: dict[str, Any], out_dir: str) -> list[str]:
-    """Learning curves (loss and EM, mean and worst domain) and routing plots as PNG files; returns the paths."""
+    """Learning curves (loss and EM, mean and worst domain; the mean over seeds and every seed's own curve) and
+    routing plots as PNG files; returns the paths."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -286,11 +292,10 @@ def make_plots(summary: dict[str, Any], out_dir: str) -> list[str]:
                     ys = np.stack(
                         [(r[metric][:points].max(1) if metric == "loss" else r[metric][:points].min(1)) for r in runs]
                     )
-                mean, sd = ys.mean(0), ys.std(0, ddof=1) if len(runs) > 1 else np.zeros(points)
                 color = colors[i % len(colors)]
-                ax.plot(x, mean, label=m, color=color, lw=1.6)
-                lower = np.clip(mean - sd, 1e-4, None) if log else mean - sd
-                ax.fill_between(x, lower, mean + sd, color=color, alpha=0.15)
+                ax.plot(x, ys.mean(0), label=m, color=color, lw=1.8)
+                for y in ys:  # each seed: a stalled seed shows as its own line, not as a wide band
+                    ax.plot(x, np.clip(y, 1e-4, None) if log else y, color=color, lw=0.6, alpha=0.35)
             ax.set_title(title)
             ax.set_xlabel("training samples seen per domain")
             if log:
@@ -298,7 +303,7 @@ def make_plots(summary: dict[str, Any], out_dir: str) -> list[str]:
             ax.grid(alpha=0.3)
         axes[0].set_ylabel(ylabel)
         axes[1].legend(fontsize=8)
-        fig.suptitle(f"{ylabel}: mean ± sd over seeds")
+        fig.suptitle(f"{ylabel}: mean over seeds (bold) and each seed (thin)")
         paths.append(_save_figure(fig, out_dir, f"curves_{metric}.png"))
 
     routing = summary["routing"]
