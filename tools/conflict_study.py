@@ -102,12 +102,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--threshold", type=float, default=0.5, help="answer-loss threshold for steps-to-threshold")
     g.add_argument("--workers", type=int, default=2, help="parallel processes (one thread each)")
     g = p.add_argument_group("multimodal variant (--multimodal; uses --rank, --experts, --methods, --mole-variants)")
-    g.add_argument("--mm-per-source", type=int, default=256, help="training samples per demo source")
+    g.add_argument("--mm-per-source", type=int, default=800, help="training samples per demo source")
     g.add_argument("--mm-eval-per-source", type=int, default=48, help="validation/generation samples per source")
-    g.add_argument("--mm-epochs", type=int, default=6)
+    g.add_argument("--mm-epochs", type=int, default=4)
     g.add_argument("--mm-batch", type=int, default=16)
     g.add_argument("--mm-lr", type=float, default=3e-3)
-    g.add_argument("--mm-seeds", type=int, default=2)
+    g.add_argument("--mm-seeds", type=int, default=5)
     args = p.parse_args(argv)
     if args.quick:
         quick = {
