@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from typing import Any
 
@@ -254,6 +255,7 @@ def run_multimodal_study(args: argparse.Namespace) -> dict[str, Any]:
             "threshold": args.threshold,
             "seeds": seeds,
             "multimodal": True,
+            "command": " ".join(sys.argv),
         },
         "methods": [s.name for s in specs],
         "stage0": [],
