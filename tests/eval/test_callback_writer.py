@@ -182,3 +182,17 @@ def test_routing_report_on_tiny_checkpoint(tmp_path, demo):
         spec = list(csv.DictReader(handle))
     assert len(spec) == 6  # 3 token types x 2 layers
     assert all(0.0 <= float(r["mi_bits"]) <= float(r["source_entropy_bits"]) + 1e-9 for r in spec)
+
+
+def test_score_jsonl_vqa_leave_one_out(tmp_path):
+    from mole_lightning.eval import score_jsonl
+
+    path = tmp_path / "predictions.jsonl"
+    rows = [
+        {"source": "vqav2", "task": "vqa", "prediction": "cat", "answers": ["cat"] * 3 + ["dog"] * 7},
+        {"source": "vqav2", "task": "vqa", "prediction": "two", "answers": ["2"] * 2 + ["3"] * 8},
+    ]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    # official VQAv2: 3 matches -> 0.9, 2 matches -> 0.6; the plain formula: 1.0 and 2/3
+    assert score_jsonl(str(path), vqa_leave_one_out=True)["vqav2/vqa/vqa_accuracy"] == pytest.approx(0.75)
+    assert score_jsonl(str(path))["vqav2/vqa/vqa_accuracy"] == pytest.approx((1 + 2 / 3) / 2)

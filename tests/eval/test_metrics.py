@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 
@@ -102,6 +103,54 @@ def test_short_answer_scores_few_references():
     assert short_answer_scores("cat", ["cat", "dog"], scale_to_references=False) == (1.0, pytest.approx(1 / 3))
     assert short_answer_scores("The cat.", ["cat", "cat", "cat", "dog"]) == (1.0, 1.0)
     assert short_answer_scores("cat", []) == (0.0, 0.0)
+
+
+def _official_vqa_accuracy(prediction: str, annotator_answers: list[str]) -> float:
+    """Literal transcription of the official VQAv2 loop: for each annotator, min(1, #others equal / 3); mean."""
+    accuracies = []
+    for i in range(len(annotator_answers)):
+        others = annotator_answers[:i] + annotator_answers[i + 1 :]
+        accuracies.append(min(1.0, sum(a == prediction for a in others) / 3))
+    return sum(accuracies) / len(accuracies)
+
+
+@pytest.mark.parametrize(("matches", "expected"), [(0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0), (10, 1.0)])
+def test_vqa_leave_one_out_by_hand(matches, expected):
+    # 10 annotators, `matches` of them say "cat": the subsets without a matching annotator have matches - 1 hits
+    refs = ["cat"] * matches + ["dog"] * (10 - matches)
+    _, soft = short_answer_scores("Cat.", refs, leave_one_out=True)
+    assert soft == pytest.approx(expected)
+    assert short_answer_scores("cat", refs)[1] == pytest.approx(min(matches / 3, 1.0))  # plain formula unchanged
+
+
+def test_vqa_leave_one_out_matches_official_loop():
+    rng = random.Random(0)
+    vocab = ["cat", "dog", "2", "red", "yes"]
+    for _ in range(200):
+        refs = [rng.choice(vocab) for _ in range(10)]
+        pred = rng.choice(vocab)
+        expected = _official_vqa_accuracy(pred, refs)
+        # 10 references: the subsets hold 9 >= 3, so scaling never applies
+        assert short_answer_scores(pred, refs, leave_one_out=True)[1] == pytest.approx(expected)
+    # a single reference keeps the plain formula; two references divide each subset by its one reference
+    assert short_answer_scores("cat", ["cat"], leave_one_out=True) == (1.0, 1.0)
+    assert short_answer_scores("cat", ["cat", "dog"], leave_one_out=True)[1] == pytest.approx(0.5)
+
+
+def test_vqa_leave_one_out_through_metrics():
+    preds = ["cat", "dog"]
+    refs = [["cat"] * 3 + ["dog"] * 7, ["cat"] * 8 + ["dog"] * 2]  # 0.9 and 0.6 with leave-one-out
+    metric = ShortAnswerAccuracy(leave_one_out=True)
+    metric.update(preds, refs)
+    assert metric.compute()["vqa_accuracy"] == pytest.approx(0.75)
+    sources = SourceTaskMetrics(sources=["vqav2"], sync=False, vqa_leave_one_out=True)
+    scores = sources.update(["vqav2", "vqav2"], ["vqa", "vqa"], preds, refs)
+    assert scores == [pytest.approx(0.9), pytest.approx(0.6)]
+    out = sources.compute()
+    assert out["vqav2/vqa/vqa_accuracy"] == pytest.approx(0.75)
+    assert out["vqav2/score"] == pytest.approx(0.75)
+    plain = SourceTaskMetrics(sources=["vqav2"], sync=False)
+    assert plain.update(["vqav2", "vqav2"], ["vqa", "vqa"], preds, refs) == [1.0, pytest.approx(2 / 3)]
 
 
 def test_multiple_choice_accuracy():

@@ -171,6 +171,8 @@ class GenerationEvalCallback(Callback):
         sync_generation: Make every rank run the same number of ``generate`` calls (ranks short of samples repeat
             a batch whose answers are discarded) with ``synced_gpus=True``, as sharded models (FSDP2) need.
             ``None``: on when the model's parameters are sharded (DTensors) in a multi-process run.
+        vqa_leave_one_out: Score short answers with the official VQAv2 leave-one-out average (for sources with
+            the 10 annotator answers per question, e.g. converted VQAv2 val).
     """
 
     def __init__(
@@ -191,6 +193,7 @@ class GenerationEvalCallback(Callback):
         table_path: str | None = None,
         generation_kwargs: dict[str, Any] | None = None,
         sync_generation: bool | None = None,
+        vqa_leave_one_out: bool = False,
     ) -> None:
         super().__init__()
         if mode not in ("max", "min"):
@@ -213,6 +216,7 @@ class GenerationEvalCallback(Callback):
         self.table_path = table_path
         self.generation_kwargs = dict(generation_kwargs or {})
         self.sync_generation = sync_generation
+        self.vqa_leave_one_out = vqa_leave_one_out
         self.best_score: float | None = None
         self.best_step: int | None = None
         self.last_results: dict[str, float] = {}
@@ -272,7 +276,7 @@ class GenerationEvalCallback(Callback):
         sources = list(loaders)
         device = pl_module.device
         per_rank = math.ceil(self.max_samples_per_source / max(1, trainer.world_size))
-        metrics = SourceTaskMetrics(sources=sources).to(device)
+        metrics = SourceTaskMetrics(sources=sources, vqa_leave_one_out=self.vqa_leave_one_out).to(device)
         accumulator = None
         if self.log_routing:
             try:

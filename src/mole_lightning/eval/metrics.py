@@ -55,7 +55,12 @@ def _as_list(refs: Refs | None) -> list[str]:
 
 # ------------------------------------------------------------------------------------------------ per-sample scores
 def short_answer_scores(
-    prediction: str, references: Refs, *, min_matches: int = 3, scale_to_references: bool = True
+    prediction: str,
+    references: Refs,
+    *,
+    min_matches: int = 3,
+    scale_to_references: bool = True,
+    leave_one_out: bool = False,
 ) -> tuple[float, float]:
     """Exact match and VQA soft accuracy of one short answer.
 
@@ -64,11 +69,17 @@ def short_answer_scores(
     ``scale_to_references``, a sample with fewer than ``min_matches`` references divides by its number of references
     instead, so a single-reference sample scores like exact match.
 
+    With ``leave_one_out`` (the official VQAv2 evaluation), the soft accuracy is the mean over the N subsets of N-1
+    references that leave one reference out: with 10 annotator answers, 3 matches score 0.9 and 2 score 0.6 (1.0 and
+    0.67 without it). A sample with one reference keeps the plain formula.
+
     Args:
         prediction: Generated answer.
         references: Accepted answers (duplicates count, as annotator answers do).
         min_matches: Matches needed for full credit.
-        scale_to_references: Divide by ``len(references)`` when it is smaller than ``min_matches``.
+        scale_to_references: Divide by the number of references (of the subset, with ``leave_one_out``) when it is
+            smaller than ``min_matches``.
+        leave_one_out: Average over the leave-one-reference-out subsets, as the official VQAv2 evaluation does.
 
     Returns:
         ``(exact_match, soft_accuracy)``, each in [0, 1]; ``(0, 0)`` without references.
@@ -77,9 +88,19 @@ def short_answer_scores(
     if not refs:
         return 0.0, 0.0
     pred = normalize_answer(prediction)
-    matches = sum(r == pred for r in refs)
-    denominator = min(min_matches, len(refs)) if scale_to_references else min_matches
-    return float(matches > 0), min(matches / max(denominator, 1), 1.0)
+    hits = [r == pred for r in refs]
+    matches = sum(hits)
+
+    def soft(count: int, num_refs: int) -> float:
+        denominator = min(min_matches, num_refs) if scale_to_references else min_matches
+        return min(count / max(denominator, 1), 1.0)
+
+    if leave_one_out and len(refs) > 1:
+        # subset without reference i: matches - hits[i] matching references out of len(refs) - 1
+        accuracy = sum(soft(matches - int(hit), len(refs) - 1) for hit in hits) / len(refs)
+    else:
+        accuracy = soft(matches, len(refs))
+    return float(matches > 0), accuracy
 
 
 def token_f1(prediction: str, reference: str) -> tuple[float, float, float]:
@@ -126,10 +147,18 @@ def infer_task(references: Refs, options: Sequence[str] | None = None) -> str:
     return "vqa" if max((len(r.split()) for r in refs), default=0) <= 3 else "open"
 
 
-def sample_score(task: str, prediction: str, references: Refs, options: Sequence[str] | None = None) -> float:
-    """The primary value (:data:`PRIMARY_METRIC`) of one sample of ``task``."""
+def sample_score(
+    task: str,
+    prediction: str,
+    references: Refs,
+    options: Sequence[str] | None = None,
+    *,
+    vqa_leave_one_out: bool = False,
+) -> float:
+    """The primary value (:data:`PRIMARY_METRIC`) of one sample of ``task`` (``vqa_leave_one_out``: see
+    :func:`short_answer_scores`)."""
     if task == "vqa":
-        return short_answer_scores(prediction, references)[1]
+        return short_answer_scores(prediction, references, leave_one_out=vqa_leave_one_out)[1]
     if task == "mc":
         target = next((reference_choice(r, options) for r in _as_list(references)), None)
         return float(target is not None and extract_choice(prediction, options) == target)
@@ -173,22 +202,30 @@ class ShortAnswerAccuracy(_SumMetric):
         min_matches: Matching references needed for full soft credit (3 in VQAv2).
         scale_to_references: For samples with fewer references than ``min_matches``, divide by the number of
             references (a single-reference sample then scores like exact match).
+        leave_one_out: Average the soft accuracy over the leave-one-reference-out subsets (official VQAv2).
         **kwargs: ``torchmetrics.Metric`` options (``dist_sync_on_step``, ``process_group``, ...).
     """
 
     sums = ("exact", "soft")
 
-    def __init__(self, min_matches: int = 3, scale_to_references: bool = True, **kwargs: Any) -> None:
+    def __init__(
+        self, min_matches: int = 3, scale_to_references: bool = True, leave_one_out: bool = False, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         self.min_matches = min_matches
         self.scale_to_references = scale_to_references
+        self.leave_one_out = leave_one_out
 
     def update(self, preds: Sequence[str], targets: Sequence[Refs]) -> None:
         """Adds a batch of generated answers and their reference lists."""
         exact = soft = 0.0
         for pred, refs in zip(preds, targets, strict=True):
             em, acc = short_answer_scores(
-                pred, refs, min_matches=self.min_matches, scale_to_references=self.scale_to_references
+                pred,
+                refs,
+                min_matches=self.min_matches,
+                scale_to_references=self.scale_to_references,
+                leave_one_out=self.leave_one_out,
             )
             exact, soft = exact + em, soft + acc
         self._add({"exact": exact, "soft": soft}, len(preds))
@@ -371,11 +408,20 @@ class SourceTaskMetrics(nn.Module):
         tasks: Tasks to prepare metrics for.
         sync: Synchronize across ranks in :meth:`compute` (``False`` when only one process scores, e.g. rank 0
             reading a merged predictions file).
+        vqa_leave_one_out: Score short answers with the official VQAv2 leave-one-out average (for data with the
+            10 annotator answers per question).
     """
 
-    def __init__(self, sources: Iterable[str] = (), tasks: Iterable[str] = TASKS, sync: bool = True) -> None:
+    def __init__(
+        self,
+        sources: Iterable[str] = (),
+        tasks: Iterable[str] = TASKS,
+        sync: bool = True,
+        vqa_leave_one_out: bool = False,
+    ) -> None:
         super().__init__()
         self.sync = sync
+        self.vqa_leave_one_out = vqa_leave_one_out
         self.tasks = tuple(tasks)
         self.sources: list[str] = []
         self.task_metrics = nn.ModuleDict()
@@ -403,7 +449,8 @@ class SourceTaskMetrics(nn.Module):
         score = ScoreMean(sync_on_compute=self.sync)
         self.score_metrics[key] = score.to(device) if device is not None else score
         for task in self.tasks:
-            metric = make_task_metric(task, sync_on_compute=self.sync)
+            extra = {"leave_one_out": self.vqa_leave_one_out} if task == "vqa" else {}
+            metric = make_task_metric(task, sync_on_compute=self.sync, **extra)
             self.task_metrics[f"{key}__{task}"] = metric.to(device) if device is not None else metric
 
     def update(
@@ -438,7 +485,12 @@ class SourceTaskMetrics(nn.Module):
                 raise ValueError(f"task {task!r} has no metric here (tasks: {self.tasks})")
             resolved.append(task)
             groups.setdefault((sources[i], task), []).append(i)
-        scores = [sample_score(resolved[i], predictions[i], answers[i], option_lists[i]) for i in range(count)]
+        scores = [
+            sample_score(
+                resolved[i], predictions[i], answers[i], option_lists[i], vqa_leave_one_out=self.vqa_leave_one_out
+            )
+            for i in range(count)
+        ]
         for (source, task), index in groups.items():
             self._add_source(source)
             preds = [predictions[i] for i in index]

@@ -56,16 +56,24 @@ class JsonlPredictionWriter(BasePredictionWriter):
         merge: With several ranks, rank 0 concatenates the rank files into ``filename`` at the end.
         score: Add ``task`` and ``score`` to each line and write ``metrics.json`` (per-source metrics of this
             process's samples, or of all samples after merging).
+        vqa_leave_one_out: Score short answers with the official VQAv2 leave-one-out average (data with the 10
+            annotator answers per question).
     """
 
     def __init__(
-        self, output_dir: str, filename: str = "predictions.jsonl", merge: bool = True, score: bool = True
+        self,
+        output_dir: str,
+        filename: str = "predictions.jsonl",
+        merge: bool = True,
+        score: bool = True,
+        vqa_leave_one_out: bool = False,
     ) -> None:
         super().__init__(write_interval="batch")
         self.output_dir = output_dir
         self.filename = filename
         self.merge = merge
         self.score = score
+        self.vqa_leave_one_out = vqa_leave_one_out
         self.lines_written = 0
         self._handle: Any = None
         self._path: str | None = None
@@ -104,15 +112,16 @@ class JsonlPredictionWriter(BasePredictionWriter):
             self.lines_written += 1
         self._handle.flush()
 
-    @staticmethod
-    def _add_score(line: dict[str, Any], batch_task: str | None) -> None:
+    def _add_score(self, line: dict[str, Any], batch_task: str | None) -> None:
         answers = line.get("answers") if line.get("answers") else line.get("answer")
         if answers is None or line.get("prediction") is None:
             return
         answers = [answers] if isinstance(answers, str) else [str(a) for a in answers]
         task = line.get("task") or batch_task or infer_task(answers, line.get("options"))
         line["task"] = task
-        line["score"] = sample_score(task, str(line["prediction"]), answers, line.get("options"))
+        line["score"] = sample_score(
+            task, str(line["prediction"]), answers, line.get("options"), vqa_leave_one_out=self.vqa_leave_one_out
+        )
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._handle is not None:
@@ -127,7 +136,7 @@ class JsonlPredictionWriter(BasePredictionWriter):
             else:
                 final = None
         if self.score and final is not None:
-            write_metrics(final, os.path.join(self.output_dir, "metrics.json"))
+            write_metrics(final, os.path.join(self.output_dir, "metrics.json"), self.vqa_leave_one_out)
 
     def _rank_path_for(self, trainer: pl.Trainer, rank: int) -> str:
         stem, ext = os.path.splitext(self.filename)
@@ -147,17 +156,18 @@ def merge_jsonl(paths: Sequence[str], out_path: str) -> int:
     return count
 
 
-def score_jsonl(path: str) -> dict[str, float]:
-    """Per-source metrics (:class:`~mole_lightning.eval.metrics.SourceTaskMetrics` keys) of a predictions file."""
-    metrics = SourceTaskMetrics(sync=False)
+def score_jsonl(path: str, vqa_leave_one_out: bool = False) -> dict[str, float]:
+    """Per-source metrics (:class:`~mole_lightning.eval.metrics.SourceTaskMetrics` keys) of a predictions file;
+    ``vqa_leave_one_out`` scores short answers with the official VQAv2 leave-one-out average."""
+    metrics = SourceTaskMetrics(sync=False, vqa_leave_one_out=vqa_leave_one_out)
     with open(path, encoding="utf-8") as handle:
         for line in handle:
             if not line.strip():
                 continue
             row = json.loads(line)
-            if row.get("prediction") is None or row.get("answer") is None:
+            answers = row.get("answers") or row.get("answer")
+            if row.get("prediction") is None or answers is None:
                 continue
-            answers = row["answers"] if row.get("answers") else row["answer"]
             answers = [answers] if isinstance(answers, str) else answers
             metrics.update(
                 [str(row.get("source") or "unknown")],
@@ -169,9 +179,9 @@ def score_jsonl(path: str) -> dict[str, float]:
     return metrics.compute()
 
 
-def write_metrics(predictions_path: str, out_path: str) -> dict[str, float]:
+def write_metrics(predictions_path: str, out_path: str, vqa_leave_one_out: bool = False) -> dict[str, float]:
     """Scores a predictions file with :func:`score_jsonl` and writes the result as JSON."""
-    results = score_jsonl(predictions_path)
+    results = score_jsonl(predictions_path, vqa_leave_one_out)
     with open(out_path, "w", encoding="utf-8") as handle:
         json.dump(results, handle, indent=1, sort_keys=True)
     return results
