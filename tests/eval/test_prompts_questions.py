@@ -105,3 +105,30 @@ def test_convert_question_file_to_evaluable_shards(tmp_path, demo):
     assert batch["question"][0] == f"Is there a red square?\n{SHORT_ANSWER_PROMPT}"
     assert batch["question"][1] == f"Which color?\nA. red\nB. green\n{MULTIPLE_CHOICE_PROMPT}"
     assert batch["has_image"].tolist() == [True, True]
+
+
+def test_read_records_official_vqav2_files(tmp_path):
+    from mole_lightning.eval.questions import read_records, references_of
+
+    annotations = {
+        "info": {},
+        "annotations": [
+            {
+                "question_id": 7,
+                "answers": [{"answer": "cat", "answer_id": i + 1} for i in range(3)]
+                + [{"answer": "dog", "answer_id": i + 4} for i in range(7)],
+            },
+        ],
+    }
+    questions = {"info": {}, "questions": [{"question_id": 7, "image_id": 1, "question": "What animal?"}]}
+    (tmp_path / "ann.json").write_text(json.dumps(annotations))
+    (tmp_path / "q.json").write_text(json.dumps(questions, indent=1))  # pretty-printed over several lines
+    records = read_records(str(tmp_path / "ann.json"))
+    assert [r["question_id"] for r in records] == [7]
+    assert references_of(records[0]) == ["cat"] * 3 + ["dog"] * 7  # all 10 annotator answers, in order
+    assert read_records(str(tmp_path / "q.json"))[0]["question"] == "What animal?"
+    # JSONL and a single plain object still read as before
+    (tmp_path / "rows.jsonl").write_text('{"question_id": 1}\n{"question_id": 2}\n')
+    assert [r["question_id"] for r in read_records(str(tmp_path / "rows.jsonl"))] == [1, 2]
+    (tmp_path / "one.json").write_text('{"question_id": 3, "answer": "yes"}')
+    assert read_records(str(tmp_path / "one.json")) == [{"question_id": 3, "answer": "yes"}]

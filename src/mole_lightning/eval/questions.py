@@ -35,14 +35,27 @@ from mole_lightning.eval.prompts import MULTIPLE_CHOICE_PROMPT, SHORT_ANSWER_PRO
 REFERENCE_FIELDS = ("answers", "answer", "label", "gt_answer")
 
 
+WRAPPED_RECORD_LISTS = ("annotations", "questions")  # official VQAv2 annotation / question files
+
+
 def read_records(path: str) -> list[dict[str, Any]]:
-    """Records of a JSONL file (one object per line) or a JSON list."""
+    """Records of a JSONL file (one object per line), a JSON list, or a JSON object holding them under
+    ``annotations`` or ``questions`` (the official VQAv2 files, whose ``answers`` are the 10 annotator answers)."""
     with open(path, encoding="utf-8") as handle:
         text = handle.read()
     stripped = text.lstrip()
+    data: Any = None
     if stripped.startswith("["):
         data = json.loads(stripped)
-    else:
+    elif stripped.startswith("{"):
+        try:
+            whole = json.loads(stripped)
+        except json.JSONDecodeError:  # several objects: JSONL
+            whole = None
+        if isinstance(whole, dict):
+            wrapped = [whole[k] for k in WRAPPED_RECORD_LISTS if isinstance(whole.get(k), list)]
+            data = wrapped[0] if wrapped else [whole]
+    if data is None:
         data = [json.loads(line) for line in text.splitlines() if line.strip()]
     if not all(isinstance(r, dict) for r in data):
         raise ValueError(f"{path}: every record must be a JSON object")
