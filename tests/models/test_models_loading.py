@@ -75,6 +75,30 @@ def test_new_token_rows_train_only_new_rows(llm_dir, make_batch):
     assert "embeddings" in model.parameter_groups()
 
 
+def test_zero_frozen_token_row_grads_masks_assigned_gradients(llm_dir):
+    """Gradients written outside autograd (as FSDP2 does) are masked by the explicit call, also from the
+    Lightning module's ``on_before_optimizer_step``."""
+    from types import SimpleNamespace
+
+    from mole_lightning.training import MoLELightningModule
+
+    path, _ = llm_dir
+    model = build_llava_mole(llm_path=str(path), vision_config=clip_config_kwargs(), train_new_token_rows=True)
+    head = model.language_model.get_output_embeddings().weight
+    emb = model.language_model.get_input_embeddings().weight
+    for weight in (head, emb):
+        weight.grad = torch.ones_like(weight)
+    MoLELightningModule.on_before_optimizer_step(SimpleNamespace(model=model), None)
+    for weight in (head, emb):
+        assert not weight.grad[:44].any() and bool((weight.grad[44:] == 1).all())
+    frozen = build_llava_mole(llm_path=str(path), vision_config=clip_config_kwargs())
+    frozen.zero_frozen_token_row_grads()  # no trainable rows: nothing to do, no error
+    head.data = head.data.flatten()  # FSDP1 (use_orig_params) exposes 1-D views of its flat shard
+    head.grad = torch.ones_like(head)  # no row structure left: refuse rather than zero the wrong elements
+    with pytest.raises(RuntimeError, match="FSDP1 flattens"):
+        model.zero_frozen_token_row_grads()
+
+
 def test_llava_hf_checkpoint_reproduces_transformers_outputs(llava_hf_checkpoint, make_batch):
     directory, hf = llava_hf_checkpoint
     model = load_llava_hf(directory).eval()  # no adapters: exactly the checkpoint's network

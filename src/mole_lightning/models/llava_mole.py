@@ -129,7 +129,9 @@ class LlavaMoLE(nn.Module):
         """Make rows ``start:`` of the input (and untied output) embeddings trainable, e.g. added tokens.
 
         The whole matrices get ``requires_grad=True`` and a gradient hook zeroes the rows before ``start``, so only
-        the new rows change (use weight decay 0 on the "embeddings" parameter group).
+        the new rows change (use weight decay 0 on the "embeddings" parameter group). Under FSDP2 the hooks do not
+        see the sharded gradients: call :meth:`zero_frozen_token_row_grads` before each optimizer step (the
+        Lightning module does).
 
         Args:
             start: first trainable row (the vocabulary size before tokens were added).
@@ -148,6 +150,46 @@ class LlavaMoLE(nn.Module):
         for weight in weights.values():
             weight.requires_grad_(True)
             self._token_row_hooks.append(weight.register_hook(keep_new_rows))
+
+    def zero_frozen_token_row_grads(self) -> None:
+        """Zero the gradients of the embedding rows before the first trainable one (see :meth:`train_new_token_rows`).
+
+        In plain training the gradient hooks already do this. Call it between ``backward()`` and ``optimizer.step()``
+        when the model is sharded with FSDP2 (``fully_shard``): FSDP2 writes the sharded gradients outside autograd,
+        so hooks never see them, and without this call the frozen vocabulary rows would be updated. Row-sharded
+        ``DTensor`` gradients are masked on each rank's own rows. ``MoLELightningModule`` calls it before every
+        optimizer step. Does nothing unless new token rows are trainable.
+        """
+        if self._token_row_start is None:
+            return
+        start = self._token_row_start
+        for weight in self._embedding_weights():
+            grad = weight.grad
+            if grad is None:
+                continue
+            if hasattr(grad, "to_local"):  # DTensor: mask the rows this rank holds
+                local = grad.to_local()
+                rows = self._local_row_indices(grad)
+                local[rows < start] = 0
+            elif grad.dim() != 2:
+                raise RuntimeError(
+                    f"trainable new token rows need (rows, hidden) embedding gradients, got shape {tuple(grad.shape)}: "
+                    "FSDP1 flattens parameters; use FSDP2 (MoLEModelParallelStrategy) or no sharding"
+                )
+            else:
+                grad[:start] = 0
+
+    def _local_row_indices(self, grad: Any) -> torch.Tensor:
+        """Global row indices of the local shard of a row-sharded ``DTensor`` (cached per layout)."""
+        from torch.distributed.tensor import distribute_tensor
+
+        key = (tuple(grad.shape), grad.device_mesh, tuple(grad.placements))
+        cache = self.__dict__.setdefault("_row_index_cache", {})
+        if key not in cache:
+            index = torch.arange(grad.shape[0], device=grad.to_local().device)
+            # only the shard dims of the placements matter; a 1-D index takes the same row chunks as the weight
+            cache[key] = distribute_tensor(index, grad.device_mesh, grad.placements).to_local()
+        return cache[key]
 
     def _embedding_weights(self) -> list[nn.Parameter]:
         weights = [self.language_model.get_input_embeddings().weight]

@@ -299,6 +299,13 @@ class MoLELightningModule(pl.LightningModule):
             self._log_training_routing(batch.get("source"))
         return total
 
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Keep the frozen vocabulary rows frozen when new token rows train (needed under FSDP2, whose sharded
+        gradients bypass the model's gradient hooks); runs before gradient clipping."""
+        zero_rows = getattr(self.model, "zero_frozen_token_row_grads", None)
+        if zero_rows is not None:
+            zero_rows()
+
     def _loss_is_finite(self, loss: torch.Tensor) -> bool:
         finite = torch.isfinite(loss.detach()).to(torch.float32)
         if self._trainer is not None and self.trainer.world_size > 1:

@@ -1,0 +1,70 @@
+"""One rank of the FSDP2 new-token-rows check (launched twice by ``test_token_rows_fsdp2.py``, gloo on CPU).
+
+Builds a tiny LLaVA-MoLE whose added ``<image>`` row of the LM head trains, shards it with
+``fully_shard_llava_mole``, runs one backward and one SGD step, and writes what changed to ``--out`` (rank 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from mole_lightning.models import build_llava_mole  # noqa: E402
+from mole_lightning.peft import MoLEConfig  # noqa: E402
+from mole_lightning.training.strategies import fully_shard_llava_mole  # noqa: E402
+from tests.models.conftest import _make_batch, clip_config_kwargs  # noqa: E402
+
+
+def full(weight: torch.Tensor) -> torch.Tensor:
+    return weight.full_tensor() if hasattr(weight, "full_tensor") else weight
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--llm", required=True)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    dist.init_process_group("gloo")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    torch.manual_seed(0)
+    mole = MoLEConfig(num_experts=3, rank=4, alpha=8.0, dropout=0.0, balance_coef=0.01)
+    model = build_llava_mole(
+        llm_path=args.llm, vision_config=clip_config_kwargs(), mole=mole, train_new_token_rows=True
+    ).train()
+    start = model._token_row_start
+    fully_shard_llava_mole(model, init_device_mesh("cpu", (dist.get_world_size(),)))
+    head = model.language_model.get_output_embeddings().weight
+    before = full(head).detach().clone()
+    batch = _make_batch(model.image_token_id)
+    batch["labels"][0, -1] = model.image_token_id  # the new head row gets a gradient
+    model(**batch).total_loss.backward()
+    grad_before = full(head.grad).detach().clone()
+    model.zero_frozen_token_row_grads()
+    grad_after = full(head.grad).detach().clone()
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0).step()
+    change = (full(head).detach() - before).abs().sum(1)  # (V,)
+    if dist.get_rank() == 0:
+        result = {
+            "sharded": hasattr(head, "full_tensor"),
+            "start": start,
+            "rows": int(before.shape[0]),
+            "old_grad_before_mask": bool(grad_before[:start].any()),
+            "old_grad_after_mask": bool(grad_after[:start].any()),
+            "new_grad_kept": bool(torch.equal(grad_after[start:], grad_before[start:]) and grad_after[start:].any()),
+            "old_rows_changed": bool(change[:start].any()),
+            "new_rows_changed": bool(change[start:].any()),
+        }
+        Path(args.out).write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
