@@ -187,8 +187,8 @@ class LlavaMoLE(nn.Module):
         cache = self.__dict__.setdefault("_row_index_cache", {})
         if key not in cache:
             index = torch.arange(grad.shape[0], device=grad.to_local().device)
-            # only the shard dims of the placements matter; a 1-D index takes the same row chunks as the weight
-            cache[key] = distribute_tensor(index, grad.device_mesh, grad.placements).to_local()
+            # a 1-D index takes the same row chunks as the weight; src_data_rank=None: each rank slices locally
+            cache[key] = distribute_tensor(index, grad.device_mesh, grad.placements, src_data_rank=None).to_local()
         return cache[key]
 
     def _embedding_weights(self) -> list[nn.Parameter]:
