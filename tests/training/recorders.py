@@ -1,4 +1,5 @@
-"""Callbacks used by the end-to-end tests through ``--trainer.callbacks+=``: loss recording and a hard kill."""
+"""Callbacks used by the end-to-end tests through ``--trainer.callbacks+=`` (loss recording, a hard kill) and the
+reader of the recorded losses."""
 
 from __future__ import annotations
 
@@ -19,6 +20,13 @@ class RecordLosses(pl.Callback):
         if trainer.is_global_zero and outputs is not None:
             with open(self.path, "a") as handle:
                 handle.write(json.dumps({"step": trainer.global_step, "loss": float(outputs["loss"])}) + "\n")
+
+
+def read_losses(folder: str | os.PathLike) -> dict[int, float]:
+    """``{step: loss}`` from ``folder/losses.jsonl`` as written by :class:`RecordLosses` (or the FSDP2 worker)."""
+    with open(os.path.join(folder, "losses.jsonl")) as handle:
+        records = [json.loads(line) for line in handle.read().splitlines()]
+    return {r["step"]: r["loss"] for r in records}
 
 
 class KillAt(pl.Callback):

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.training.recorders import read_losses
+
 WORKER = Path(__file__).with_name("fsdp2_worker.py")
 ROOT = WORKER.parents[2]
 
@@ -33,18 +35,13 @@ def wait(process: subprocess.Popen, out: Path, max_steps: int) -> None:
     assert code == 0, (out / f"log-{max_steps}.txt").read_text()[-4000:]
 
 
-def losses(out: Path) -> dict[int, float]:
-    records = [json.loads(line) for line in (out / "losses.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records}
-
-
 @pytest.mark.slow
 def test_fsdp2_on_two_cpu_processes_matches_single_process_across_save_and_resume(tmp_path):
     single, sharded = tmp_path / "single", tmp_path / "fsdp2"
     reference = launch(single, devices=1, max_steps=6)
     first = launch(sharded, devices=2, max_steps=3)
     wait(first, sharded, 3)
-    assert losses(sharded).keys() == {1, 2, 3}
+    assert read_losses(sharded).keys() == {1, 2, 3}
     resumed = launch(sharded, devices=2, max_steps=6, ckpt_path=sharded / "ckpt" / "last.ckpt")
     wait(resumed, sharded, 6)
     wait(reference, single, 6)
@@ -52,7 +49,7 @@ def test_fsdp2_on_two_cpu_processes_matches_single_process_across_save_and_resum
     info = json.loads((sharded / "info.json").read_text())
     assert info["world_size"] == 2 and info["sharded_parameters"] > 0
 
-    expected, got = losses(single), losses(sharded)
+    expected, got = read_losses(single), read_losses(sharded)
     assert sorted(got) == sorted(expected) == [1, 2, 3, 4, 5, 6]  # same step count after the resume
     for step in expected:
         # the balance loss is computed per rank (not on the union), so the totals differ by ~1e-5

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from mole_lightning.data import make_demo_data
+from tests.training.recorders import read_losses
 
 ROOT = Path(__file__).parents[2]
 MAX_STEPS = 8
@@ -49,11 +50,6 @@ def finish(process: subprocess.Popen, workdir: Path, expect: int = 0) -> None:
     assert code == expect, (workdir / "log.txt").read_text()[-4000:]
 
 
-def losses(workdir: Path) -> dict[int, float]:
-    records = [json.loads(line) for line in (workdir / "losses.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records}
-
-
 @pytest.mark.slow
 def test_killed_and_resumed_demo_run_matches_an_uninterrupted_run(tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
@@ -64,13 +60,13 @@ def test_killed_and_resumed_demo_run_matches_an_uninterrupted_run(tmp_path):
     kill = {"class_path": "tests.training.recorders.KillAt", "init_args": {"step": KILL_AFTER}}
     interrupted = run_demo(killed, f"--trainer.callbacks+={json.dumps(kill)}")
     finish(interrupted, killed, expect=-signal.SIGKILL)
-    assert sorted(losses(killed)) == list(range(1, KILL_AFTER + 1))
+    assert sorted(read_losses(killed)) == list(range(1, KILL_AFTER + 1))
     assert (killed / "runs" / "demo" / "checkpoints" / "last.ckpt").exists()
 
     finish(run_demo(killed, "--ckpt_path", "last"), killed)
     finish(reference, straight)
 
-    expected, got = losses(straight), losses(killed)
+    expected, got = read_losses(straight), read_losses(killed)
     assert sorted(got) == sorted(expected) == list(range(1, MAX_STEPS + 1))
     for step, value in expected.items():
         assert got[step] == pytest.approx(value, rel=1e-5, abs=1e-6), (step, got, expected)

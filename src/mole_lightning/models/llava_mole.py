@@ -90,6 +90,7 @@ class LlavaMoLE(nn.Module):
         self.tokenizer: Any = None  # set by the builders/loaders (tokenizer with the image token)
         self._token_row_start: int | None = None
         self._token_row_hooks: list[Any] = []
+        self._row_index_cache: dict[Any, torch.Tensor] = {}  # sharded gradient layout -> global row indices
         self.vision_tower.freeze()
         self.language_model.requires_grad_(False)
         self.projector.requires_grad_(True)
@@ -184,7 +185,7 @@ class LlavaMoLE(nn.Module):
         from torch.distributed.tensor import distribute_tensor
 
         key = (tuple(grad.shape), grad.device_mesh, tuple(grad.placements))
-        cache = self.__dict__.setdefault("_row_index_cache", {})
+        cache = self._row_index_cache
         if key not in cache:
             index = torch.arange(grad.shape[0], device=grad.to_local().device)
             # a 1-D index takes the same row chunks as the weight; src_data_rank=None: each rank slices locally
