@@ -1,6 +1,6 @@
 """``python -m mole_lightning fit --config configs/demo.yaml``: the same as the ``mole-train`` console script."""
 
-from mole_lightning.cli import cli_main
+from mole_lightning.cli import main
 
 if __name__ == "__main__":
-    cli_main()
+    raise SystemExit(main())

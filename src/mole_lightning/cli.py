@@ -89,5 +89,14 @@ def cli_main(args: ArgsType = None, run: bool = True) -> MoLECLI:
     )
 
 
+def main(args: ArgsType = None) -> int:
+    """Console-script entry point: runs :func:`cli_main` and returns the process exit status (0 on success).
+
+    Errors propagate as exceptions (non-zero status with the traceback's last line naming the problem).
+    """
+    cli_main(args)
+    return 0
+
+
 if __name__ == "__main__":
-    cli_main()
+    raise SystemExit(main())

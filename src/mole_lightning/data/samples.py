@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from functools import lru_cache
 from typing import Any
 
 import torch
@@ -24,19 +23,12 @@ from mole_lightning.data.templates import (
     normalize_conversation,
     normalize_prompt_conversation,
 )
+from mole_lightning.tokenization import load_tokenizer  # noqa: F401 (the DataModule's tokenizer loader)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif", "image")
 """Sample fields holding encoded image bytes, in lookup order."""
 
 MODES = ("train", "generate")
-
-
-@lru_cache(maxsize=8)
-def load_tokenizer(path: str) -> Any:
-    """Loads (once per process) a Hugging Face tokenizer from a local directory or hub name."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path)
 
 
 def parse_json_field(raw: dict[str, Any]) -> dict[str, Any]:

@@ -1,10 +1,17 @@
 """Conversation templates and the conversation → (``input_ids``, ``labels``) encoder.
 
 A LLaVA conversation (``[{"from": "human", "value": "<image>\\nWhat is it?"}, {"from": "gpt", "value": "a cat"}]``)
-is rendered to one string by a named template, tokenized once with character offsets, and labelled: only the
+is rendered to one string by a named template, tokenized with character offsets, and labelled: only the
 assistant replies and their end token are learned, everything else is :data:`~mole_lightning.constants.IGNORE_INDEX`.
 The ``<image>`` placeholder is expanded to ``num_image_tokens`` copies of the tokenizer's ``<image>`` id, where the
 model scatters its visual features.
+
+How the text is tokenized is part of the template (:class:`RenderedConversation`): ``vicuna_v1`` and ``plain``
+follow LLaVA's ``tokenizer_image_token`` (the text is split at ``<image>``, each chunk tokenized with the tokenizer's
+own special tokens, BOS kept once), so a SentencePiece tokenizer (vicuna's ``tokenizer.model``, ``legacy`` true or
+false) gives LLaVA-1.5's ids token for token; ``llava_hf`` tokenizes the whole text with the tokenizer's special
+tokens as transformers' ``LlavaProcessor`` does; the others tokenize their text, which holds every special token,
+as ``apply_chat_template`` does.
 
 Templates (``TEMPLATES``):
 
@@ -13,6 +20,8 @@ Templates (``TEMPLATES``):
 * ``chatml`` -- Qwen: ``<|im_start|>role\\n{text}<|im_end|>\\n`` blocks.
 * ``plain`` -- stage-1 captioning: ``"<s><image>{caption}</s>"`` (the question text is dropped, as in LLaVA).
 * ``tokenizer`` -- the tokenizer's own Jinja ``chat_template`` (``apply_chat_template``).
+* ``llava_hf`` -- the prompt format of transformers' llava-hf processors: ``"USER: <image>\\n{q} ASSISTANT: {a}</s>"``
+  (no system prompt, BOS from the tokenizer).
 
 Requires a fast (``tokenizers``-backed) tokenizer, because labels are derived from character offsets; this makes
 masking independent of how a tokenizer merges spaces around role markers.
@@ -69,15 +78,19 @@ class RenderedConversation:
     """A conversation rendered to text by a template.
 
     Attributes:
-        text: The full string to tokenize (already containing BOS/role markers as text).
+        text: The full string to tokenize (role markers as text; BOS too unless ``add_special_tokens``).
         learned_spans: Character ``[start, end)`` spans whose tokens are learned (assistant replies + end token).
         generation_prompt_end: Character offset where the prompt for generation ends (after the last assistant
             header); only meaningful when rendered with ``add_generation_prompt=True``.
+        add_special_tokens: Tokenize with the tokenizer's own special tokens (its BOS), kept once at the start.
+        split_at_image: Tokenize each ``<image>``-separated chunk on its own (LLaVA's ``tokenizer_image_token``).
     """
 
     text: str
     learned_spans: list[tuple[int, int]] = field(default_factory=list)
     generation_prompt_end: int | None = None
+    add_special_tokens: bool = False
+    split_at_image: bool = False
 
 
 class _Builder:
@@ -94,8 +107,12 @@ class _Builder:
         self.parts.append(text)
         self.length += len(text)
 
-    def build(self, generation_prompt_end: int | None = None) -> RenderedConversation:
-        return RenderedConversation("".join(self.parts), self.learned_spans, generation_prompt_end)
+    def build(self, generation_prompt_end: int | None = None, **tokenization: bool) -> RenderedConversation:
+        return RenderedConversation("".join(self.parts), self.learned_spans, generation_prompt_end, **tokenization)
+
+
+LLAVA_TOKENIZATION = {"add_special_tokens": True, "split_at_image": True}
+"""LLaVA's ``tokenizer_image_token``: chunks between ``<image>`` tokenized with BOS, BOS kept once."""
 
 
 Renderer = Callable[[list[Message], Any, str | None, bool], RenderedConversation]
@@ -116,21 +133,42 @@ def _split_system(messages: list[Message], default: str, override: str | None) -
 def render_vicuna_v1(
     messages: list[Message], tokenizer: Any, system_prompt: str | None, add_generation_prompt: bool
 ) -> RenderedConversation:
-    """LLaVA-1.5 ``conv_vicuna_v1`` (``SeparatorStyle.TWO``, sep ``" "``, sep2 ``"</s>"``)."""
+    """LLaVA-1.5 ``conv_vicuna_v1`` (``SeparatorStyle.TWO``, sep ``" "``, sep2 ``"</s>"``), tokenized as LLaVA does."""
     system, turns = _split_system(messages, VICUNA_V1_SYSTEM, system_prompt)
-    eos = _special(tokenizer, "eos_token", "</s>")
     out = _Builder()
-    out.add(_special(tokenizer, "bos_token") + system + " ")
+    out.add(system + " ")
+    _add_user_assistant_turns(out, turns, _special(tokenizer, "eos_token", "</s>"))
+    if add_generation_prompt:
+        out.add("ASSISTANT:")
+        return out.build(out.length, **LLAVA_TOKENIZATION)
+    return out.build(**LLAVA_TOKENIZATION)
+
+
+def _add_user_assistant_turns(out: _Builder, turns: list[Message], eos: str) -> None:
+    """``USER: {q} ASSISTANT: {a}{eos}`` per round; the space after ``ASSISTANT:`` is learned with the reply."""
     for message in turns:
         if message.role == "user":
             out.add(f"USER: {message.text} ")
         else:
             out.add("ASSISTANT:")  # the generation prompt ends here, so the separator space belongs to the reply
             out.add(" " + message.text + eos, learned=True)
+
+
+def render_llava_hf(
+    messages: list[Message], tokenizer: Any, system_prompt: str | None, add_generation_prompt: bool
+) -> RenderedConversation:
+    """transformers' llava-hf processor format (``USER: <image>\\n{q} ASSISTANT:``, no system prompt), tokenized
+    whole with the tokenizer's BOS as ``LlavaProcessor`` does. A leading system turn or ``system_prompt`` is put
+    first, followed by a space."""
+    system, turns = _split_system(messages, "", system_prompt)
+    out = _Builder()
+    if system:
+        out.add(system + " ")
+    _add_user_assistant_turns(out, turns, _special(tokenizer, "eos_token", "</s>"))
     if add_generation_prompt:
         out.add("ASSISTANT:")
-        return out.build(out.length)
-    return out.build()
+        return out.build(out.length, add_special_tokens=True)
+    return out.build(add_special_tokens=True)
 
 
 def render_llama3(
@@ -180,13 +218,12 @@ def render_plain(
     turns = [m for m in messages if m.role != "system"]
     first_user = turns[0]
     out = _Builder()
-    out.add(_special(tokenizer, "bos_token"))
     if DEFAULT_IMAGE_TOKEN in first_user.text:
         out.add(DEFAULT_IMAGE_TOKEN)
     if add_generation_prompt:
-        return out.build(out.length)
+        return out.build(out.length, **LLAVA_TOKENIZATION)
     out.add(turns[1].text + _special(tokenizer, "eos_token", "\n"), learned=True)
-    return out.build()
+    return out.build(**LLAVA_TOKENIZATION)
 
 
 def render_tokenizer_chat_template(
@@ -226,6 +263,7 @@ TEMPLATES: dict[str, Renderer] = {
     "chatml": render_chatml,
     "plain": render_plain,
     "tokenizer": render_tokenizer_chat_template,
+    "llava_hf": render_llava_hf,
 }
 """Template registry: name → renderer. Add your own with :func:`register_template`."""
 
@@ -317,25 +355,60 @@ def image_token_id(tokenizer: Any) -> int:
 def _tokenize_rendered(
     rendered: RenderedConversation, tokenizer: Any, end: int | None = None
 ) -> tuple[list[int], list[bool]]:
-    """Tokenizes ``rendered.text[:end]`` and flags tokens that overlap a learned span (whitespace excluded)."""
+    """Tokenizes ``rendered.text[:end]`` as the template says and flags tokens that overlap a learned span.
+
+    With ``split_at_image`` the ``<image>``-separated chunks are tokenized one by one (each with the tokenizer's
+    special tokens when ``add_special_tokens``) and the BOS of every chunk but the first is dropped, exactly like
+    LLaVA's ``tokenizer_image_token``; the ``<image>`` id goes between the chunks.
+    """
     text = rendered.text if end is None else rendered.text[:end]
-    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids: list[int] = list(encoding["input_ids"])
+    if not rendered.split_at_image:
+        return _tokenize_chunk(text, 0, rendered, tokenizer)
+    image_id = image_token_id(tokenizer)
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    ids: list[int] = []
     learned: list[bool] = []
+    start = 0
+    for index, chunk in enumerate(text.split(DEFAULT_IMAGE_TOKEN)):
+        chunk_ids, chunk_learned = _tokenize_chunk(chunk, start, rendered, tokenizer)
+        if index > 0:
+            ids.append(image_id)
+            learned.append(False)
+            if rendered.add_special_tokens and chunk_ids and chunk_ids[0] == bos_id and ids[0] == bos_id:
+                chunk_ids, chunk_learned = chunk_ids[1:], chunk_learned[1:]
+        ids += chunk_ids
+        learned += chunk_learned
+        start += len(chunk) + len(DEFAULT_IMAGE_TOKEN)
+    return ids, learned
+
+
+def _tokenize_chunk(
+    chunk: str, start: int, rendered: RenderedConversation, tokenizer: Any
+) -> tuple[list[int], list[bool]]:
+    """Ids of ``chunk`` (at character ``start`` of the rendered text) and whether each lies in a learned span.
+
+    A token is learned when its non-whitespace characters overlap a learned span, so " a" starting before a reply
+    counts as part of the reply; a whitespace-only token is learned when it lies inside one (e.g. the space between
+    ``ASSISTANT:`` and the reply, which the model must generate after the generation prompt). Special tokens the
+    tokenizer adds (BOS) are never learned.
+    """
+    encoding = tokenizer(chunk, add_special_tokens=rendered.add_special_tokens, return_offsets_mapping=True)
+    ids: list[int] = list(encoding["input_ids"])
     spans = rendered.learned_spans
+    learned: list[bool] = []
     for raw_start, raw_stop in encoding["offset_mapping"]:
-        # Shrink the token's span to its non-whitespace characters so that " a" starting before a reply counts as
-        # part of the reply. A whitespace-only token is learned when it lies inside a learned span (e.g. the space
-        # between "ASSISTANT:" and the reply, which the model must generate after the generation prompt).
-        start, stop = raw_start, raw_stop
-        while start < stop and text[start].isspace():
-            start += 1
-        while stop > start and text[stop - 1].isspace():
+        if rendered.add_special_tokens and raw_start == raw_stop:  # added by the tokenizer, not in the text
+            learned.append(False)
+            continue
+        first, stop = raw_start, raw_stop
+        while first < stop and chunk[first].isspace():
+            first += 1
+        while stop > first and chunk[stop - 1].isspace():
             stop -= 1
-        if start < stop:
-            learned.append(any(start < s_end and stop > s_start for s_start, s_end in spans))
+        if first < stop:
+            learned.append(any(start + first < s_end and start + stop > s_start for s_start, s_end in spans))
         else:
-            learned.append(any(s_start <= raw_start and raw_stop <= s_end for s_start, s_end in spans))
+            learned.append(any(s_start <= start + raw_start and start + raw_stop <= s_end for s_start, s_end in spans))
     return ids, learned
 
 

@@ -1,8 +1,8 @@
 """Keyword-only builders that assemble a :class:`LlavaMoLE` from names, paths or configs, and the presets.
 
 - :func:`build_language_model`: a transformers causal LM from a directory (``AutoModelForCausalLM``) or a config.
-- :func:`load_tokenizer` / :func:`add_image_token` / :func:`resize_embeddings`: tokenizer with ``<image>``; the LM
-  embeddings grow only when the tokenizer outgrows them.
+- :func:`resize_embeddings`: the LM embeddings grow only when the tokenizer (prepared by
+  :mod:`mole_lightning.tokenization`: ``<image>`` added, pad = unk) outgrows them.
 - :func:`build_vision_tower`: ``open_clip`` or transformers CLIP/SigLIP tower.
 - :func:`build_llava_mole`: the whole model (optionally a stage-1 ``mm_projector.bin`` and MoLE adapters).
 - :func:`build_preset`: ``"tiny"`` (random weights, CPU, seconds) and ``"llava-1.5-7b"`` (vicuna-7b-v1.5 +
@@ -21,6 +21,7 @@ from mole_lightning.constants import DEFAULT_IMAGE_TOKEN
 from mole_lightning.models.llava_mole import LlavaMoLE
 from mole_lightning.models.projector import build_projector
 from mole_lightning.models.vision import HFVisionTower, OpenCLIPVisionTower, VisionTower
+from mole_lightning.tokenization import add_image_token, load_tokenizer, prepare_tokenizer
 
 VisionKind = Literal["hf", "open_clip"]
 
@@ -60,9 +61,10 @@ TINY_SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")
 def tiny_tokenizer(*, image_token: str = DEFAULT_IMAGE_TOKEN) -> Any:
     """A byte-level tokenizer without merges (every UTF-8 byte is a token) plus ``<unk> <s> </s> <pad>``.
 
-    Encodes any text losslessly with a 260-token vocabulary (+ ``<image>``); for tiny random models and tests.
+    Encodes any text losslessly with a 260-token vocabulary (+ ``<image>``); for tiny random models and tests. Like
+    Llama's, it puts ``<s>`` in front when called with ``add_special_tokens=True``.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
@@ -71,41 +73,13 @@ def tiny_tokenizer(*, image_token: str = DEFAULT_IMAGE_TOKEN) -> Any:
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])]
+    )
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
     )
     add_image_token(tokenizer, image_token)
-    return tokenizer
-
-
-def add_image_token(tokenizer: Any, image_token: str = DEFAULT_IMAGE_TOKEN) -> int:
-    """Add ``image_token`` as a special token (no-op when present) and return its id."""
-    from tokenizers import AddedToken
-
-    if image_token not in tokenizer.get_vocab():
-        tokenizer.add_tokens([AddedToken(image_token, special=True, normalized=False)], special_tokens=True)
-    return int(tokenizer.convert_tokens_to_ids(image_token))
-
-
-def load_tokenizer(
-    path: str,
-    *,
-    image_token: str = DEFAULT_IMAGE_TOKEN,
-    trust_remote_code: bool = False,
-) -> Any:
-    """Tokenizer from an LLM directory (or hub id) with ``image_token`` added; pad falls back to unk, then eos.
-
-    Args:
-        path: directory (or hub id) holding the tokenizer files.
-        image_token: image placeholder to add as a special token.
-        trust_remote_code: allow custom tokenizer code from the directory.
-    """
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    add_image_token(tokenizer, image_token)
-    if tokenizer.pad_token is None:  # LLaVA pads vicuna with unk
-        tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
     return tokenizer
 
 
@@ -239,15 +213,14 @@ def build_llava_mole(
     """
     from mole_lightning.models.loading import load_projector
 
+    if tokenizer is None and llm_path is not None:
+        tokenizer = llm_path
     if isinstance(tokenizer, str):
-        tokenizer = load_tokenizer(tokenizer, image_token=image_token, trust_remote_code=trust_remote_code)
+        tokenizer = load_tokenizer(tokenizer, image_token, trust_remote_code)
     elif tokenizer is None:
-        if llm_path is not None:
-            tokenizer = load_tokenizer(llm_path, image_token=image_token, trust_remote_code=trust_remote_code)
-        else:
-            tokenizer = tiny_tokenizer(image_token=image_token)
+        tokenizer = tiny_tokenizer(image_token=image_token)
     else:
-        add_image_token(tokenizer, image_token)
+        prepare_tokenizer(tokenizer, image_token)
     image_token_id = int(tokenizer.convert_tokens_to_ids(image_token))
 
     if llm_path is None and llm_config is not None:

@@ -156,11 +156,12 @@ def load_llava_hf(
 
 
 def _maybe_tokenizer(path: str, trust_remote_code: bool) -> Any:
-    from transformers import AutoTokenizer
+    """The folder's prepared tokenizer, or ``None`` when it holds none."""
+    from mole_lightning.tokenization import load_tokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, TypeError):
+        return load_tokenizer(path, trust_remote_code=trust_remote_code)
+    except ValueError:
         return None
 
 

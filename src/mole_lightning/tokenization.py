@@ -1,0 +1,85 @@
+"""The tokenizer as model and data both need it: loaded once per process, with ``<image>`` and a pad token.
+
+Hub tokenizers come without the image placeholder (vicuna's ``tokenizer.model`` + ``tokenizer_config.json``,
+Qwen2's ``tokenizer.json``) and often without a pad token. :func:`prepare_tokenizer` adds ``<image>`` as a special
+token after the existing vocabulary and pads with ``unk`` as LLaVA does (else ``eos``). It is idempotent, so the
+model builder and the DataModule, which each prepare the tokenizer of the same folder, get the same ids.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from typing import Any
+
+from mole_lightning.constants import DEFAULT_IMAGE_TOKEN
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+"""Files of which a tokenizer folder holds at least one."""
+
+
+def looks_local(path: str) -> bool:
+    """True for a path that names a local file or folder rather than a hub id (``org/name``)."""
+    expanded = os.path.expanduser(path)
+    return (
+        os.path.exists(expanded)
+        or os.path.isabs(expanded)
+        or path.startswith((".", "~"))
+        or path.count("/") > 1
+        or os.sep != "/"
+        and os.sep in path
+    )
+
+
+def require_local_path(path: str, what: str) -> str:
+    """``path`` with ``~`` expanded; a local-looking path that does not exist raises at once (no hub lookup).
+
+    Raises:
+        FileNotFoundError: ``path`` looks local (absolute, ``./``, ``~``, several ``/``) and does not exist.
+    """
+    expanded = os.path.expanduser(path)
+    if looks_local(path) and not os.path.exists(expanded):
+        raise FileNotFoundError(f"{what} {path!r} does not exist")
+    return expanded
+
+
+def add_image_token(tokenizer: Any, image_token: str = DEFAULT_IMAGE_TOKEN) -> int:
+    """Add ``image_token`` as a special token (no-op when present) and return its id."""
+    from tokenizers import AddedToken
+
+    if image_token not in tokenizer.get_vocab():
+        tokenizer.add_tokens([AddedToken(image_token, special=True, normalized=False)], special_tokens=True)
+    return int(tokenizer.convert_tokens_to_ids(image_token))
+
+
+def prepare_tokenizer(tokenizer: Any, image_token: str = DEFAULT_IMAGE_TOKEN) -> Any:
+    """Give ``tokenizer`` the ``image_token`` special token and a pad token (``unk``, else ``eos``); idempotent.
+
+    Returns:
+        The same tokenizer object, changed in place.
+    """
+    add_image_token(tokenizer, image_token)
+    if tokenizer.pad_token is None:  # LLaVA pads vicuna with unk
+        tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
+    return tokenizer
+
+
+@lru_cache(maxsize=8)
+def load_tokenizer(path: str, image_token: str = DEFAULT_IMAGE_TOKEN, trust_remote_code: bool = False) -> Any:
+    """The prepared tokenizer of a folder (or hub id), loaded once per process and argument set.
+
+    Raises:
+        FileNotFoundError: a local-looking ``path`` that does not exist.
+        ValueError: the folder holds no loadable tokenizer (one line naming the folder, its files and the cause).
+    """
+    from transformers import AutoTokenizer
+
+    resolved = require_local_path(path, "tokenizer folder")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolved, trust_remote_code=trust_remote_code)
+    except Exception as error:  # transformers raises OSError, ValueError, TypeError, ImportError... here
+        files = sorted(os.listdir(resolved)) if os.path.isdir(resolved) else []
+        found = [name for name in files if name in TOKENIZER_FILES] or files[:8]
+        cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"cannot load a tokenizer from {path!r} (files: {found}): {cause}") from error
+    return prepare_tokenizer(tokenizer, image_token)
