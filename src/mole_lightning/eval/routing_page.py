@@ -240,15 +240,16 @@ PAGE_SCRIPT = """
   select.addEventListener("change", function () { show(Number(select.value)); });
   var wanted = data.layers.indexOf(decodeURIComponent(window.location.hash.slice(1)));
   if (wanted >= 0) { select.value = String(wanted); }
-  show(Number(select.value));
+  select.dispatchEvent(new Event("change"));
   document.body.dataset.ready = "true";
 })();
 """
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]], attributes: str = "") -> str:
+def _table(header: Sequence[str], rows: Sequence[tuple[str, Sequence[str]]], attributes: str) -> str:
+    """An HTML table; each row is ``(attributes of its <tr>, cells as <td> markup)``."""
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(row) + "</tr>" for row in rows)
+    body = "".join(f"<tr{row_attributes}>" + "".join(cells) + "</tr>" for row_attributes, cells in rows)
     return f"<table {attributes}><tr>{head}</tr>{body}</table>"
 
 
@@ -261,7 +262,7 @@ def _mutual_information_section(counts: RoutingCounts, weighting: str) -> str:
         cells = [f'<td class="name">{html.escape(layer)}</td>']
         cells += [f"<td>{specialization[t][index]['mi_bits']:.4f}</td>" for t in present]
         cells += [f"<td>{specialization[t][index]['normalized_mi']:.1%}</td>" for t in present]
-        rows.append(cells)
+        rows.append(("", cells))
     image = png_data_uri(mutual_information_png(counts, weighting))
     return (
         "<h2>Specialization: MI(source; expert) per layer</h2>"
@@ -286,10 +287,8 @@ def _fraction_table(counts: RoutingCounts, tokens: str) -> str:
             value = row[f"expert_{expert}"]
             shade = f"rgba(78, 121, 167, {0.85 * value:.3f})"
             cells.append(f'<td data-value="{value!r}" style="background:{shade}">{value:.3f}</td>')
-        rows.append(f'<tr data-layer="{html.escape(row["layer"])}" data-source="{html.escape(row["source"])}">')
-        rows[-1] += "".join(cells) + "</tr>"
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    return f'<table class="fractions" data-token-type="{tokens}"><tr>{head}</tr>{"".join(rows)}</table>'
+        rows.append((f' data-layer="{html.escape(row["layer"])}" data-source="{html.escape(row["source"])}"', cells))
+    return _table(header, rows, f'class="fractions" data-token-type="{tokens}"')
 
 
 def _fractions_section(counts: RoutingCounts, heatmaps: Sequence[tuple[str, str, bytes]]) -> str:
