@@ -227,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 shown = sum(sample.source == name for sample in routed)
                 rows = range(min(page_samples - shown, len(batch["input_ids"])))
-                routed += sample_routing(model, batch, rows, datamodule.tokenizer, model.image_token_id)
+                if rows:
+                    routed += sample_routing(model, batch, rows, datamodule.tokenizer, model.image_token_id)
     counts = accumulator.result()
 
     os.makedirs(args.out, exist_ok=True)
