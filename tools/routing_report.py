@@ -2,15 +2,18 @@
 
 Usage::
 
-    python tools/routing_report.py --adapter runs/demo/adapter --tokenizer data/demo/tokenizer \
-        --val general=data/demo/val/general-000000.tar --val doc=data/demo/val/doc-000000.tar --out report/
-    python tools/routing_report.py --ckpt runs/demo/checkpoints/last.ckpt --preset tiny --seed 0 ... --out report/
+    python tools/routing_report.py --ckpt runs/demo/checkpoints/last.ckpt --tokenizer demo_data/tokenizer \
+        --val general=demo_data/val/general-000000.tar --val doc=demo_data/val/doc-000000.tar \
+        --out runs/demo/routing --html runs/demo/routing/routing.html
+    python tools/routing_report.py --adapter adapters/demo --tokenizer demo_data/tokenizer ... --out report/
+    python tools/routing_report.py --ckpt CKPT --preset llava-1.5-7b --model-kwargs '{"projector_path": ...}' ...
 
-The model is the ``--preset`` (any ``build_preset`` argument via ``--model-kwargs '{"llm_path": ...}'``) with the
-trained tensors of an exported adapter (``save_adapters`` directory) or of a Lightning checkpoint (its
-``state_dict`` entries named ``model.<parameter>``; every trainable parameter must be there). A preset with a
-random base (``tiny``) is rebuilt with ``--seed`` (the training module's ``model_seed``), as the checkpoint holds
-only the trained tensors.
+The model is the architecture and MoLE config recorded by training (a checkpoint's hyper-parameters, or
+``training_config.json`` of an export), or ``--preset`` (default ``tiny``) with any ``build_preset`` argument via
+``--model-kwargs``, with the trained tensors of an exported adapter (``save_adapters`` directory) or of a Lightning
+checkpoint (its ``state_dict`` entries named ``model.<parameter>``; every trainable parameter must be there). A
+random base (``tiny``) is rebuilt with ``--seed`` (default: the training module's ``model_seed``), as the
+checkpoint holds only the trained tensors.
 
 For at most ``--max-samples`` samples per source, full conversations (prompt and answer, as in training) are run
 through the model and every valid token's expert is counted per layer, split into image and text tokens. Written
@@ -20,7 +23,10 @@ to ``--out``:
   each row's expert fractions sum to 1;
 * ``specialization.csv`` -- per layer and token type, ``MI(source; expert)`` in bits, ``H(source)`` and their ratio;
 * ``routing_<token_type>_<layers>.png`` -- one heatmap figure per group of ``--layers-per-figure`` layers;
-* ``summary.json`` -- sources, layers, sample counts and the per-layer MI of all tokens.
+* ``summary.json`` -- sources, layers, sample counts and the per-layer MI of all tokens;
+* with ``--html FILE``: one self-contained page with the heatmaps, MI per layer and ``--html-samples`` answers per
+  source whose tokens are coloured by their expert at a chosen layer
+  (:mod:`mole_lightning.eval.routing_page`).
 
 One line per layer with the MI is printed.
 """
@@ -87,25 +93,49 @@ def load_trained_tensors(model: Any, state: dict[str, torch.Tensor], prefix: str
     return loaded
 
 
+def read_training_config(adapter: str) -> dict[str, Any]:
+    """The training hyper-parameters saved beside an exported adapter (``{}`` when there are none)."""
+    from mole_lightning.training.export import TRAINING_CONFIG_NAME
+
+    path = os.path.join(adapter, TRAINING_CONFIG_NAME)
+    if not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
 def build_model(args: argparse.Namespace) -> Any:
-    """The preset model with the adapter or checkpoint tensors loaded, in eval mode."""
+    """The model with the adapter or checkpoint tensors loaded, in eval mode.
+
+    Without ``--preset`` and ``--model-kwargs`` the architecture and MoLE config are the ones training recorded (the
+    checkpoint's hyper-parameters, or ``training_config.json`` of an export); otherwise, or when nothing was
+    recorded, the preset (default ``tiny``) with the extra arguments.
+    """
     from mole_lightning.models import build_preset, load_adapters
 
-    kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
     state = None
-    seed = args.seed
+    hparams: dict[str, Any] = {}
     if args.ckpt:
         state, hparams = load_checkpoint_tensors(args.ckpt, args.trust_checkpoint)
-        if seed is None and isinstance(hparams.get("model_seed"), int):
-            seed = hparams["model_seed"]
-    torch.manual_seed(0 if seed is None else seed)
-    if args.adapter:
-        model = build_preset(args.preset, tokenizer=args.tokenizer, mole=None, **kwargs)
-        load_adapters(model, args.adapter)
     else:
-        model = build_preset(args.preset, tokenizer=args.tokenizer, **kwargs)
-        if state is not None:
-            load_trained_tensors(model, state)
+        hparams = read_training_config(args.adapter)
+    seed = args.seed
+    if seed is None:
+        seed = hparams["model_seed"] if isinstance(hparams.get("model_seed"), int) else 0
+    if args.preset is None and args.model_kwargs is None and hparams.get("architecture"):
+        from mole_lightning.training import MoLELightningModule
+
+        module = MoLELightningModule.from_hparams({**hparams, "tokenizer": args.tokenizer, "model_seed": seed})
+        model = module.build_model()
+    else:
+        kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
+        torch.manual_seed(seed)
+        mole = None if args.adapter else "preset"
+        model = build_preset(args.preset or "tiny", tokenizer=args.tokenizer, mole=mole, **kwargs)
+    if args.adapter:
+        load_adapters(model, args.adapter)
+    elif state is not None:
+        load_trained_tensors(model, state)
     return model.eval()
 
 
@@ -125,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     weights = parser.add_mutually_exclusive_group(required=True)
     weights.add_argument("--adapter", help="exported adapter directory (save_adapters)")
     weights.add_argument("--ckpt", help="Lightning checkpoint with model.* tensors")
-    parser.add_argument("--preset", default="tiny", help="base model preset (build_preset name)")
+    parser.add_argument("--preset", help="base model preset (build_preset name; default: as trained, else tiny)")
     parser.add_argument("--model-kwargs", help="JSON dict of extra build_preset arguments")
     parser.add_argument("--tokenizer", required=True, help="tokenizer directory used in training")
     parser.add_argument("--seed", type=int, help="seed of the random base weights (default: checkpoint model_seed, 0)")
@@ -139,16 +169,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weighting", choices=("tokens", "uniform"), default="tokens", help="source weights in MI")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--html", help="also write the routing page (one self-contained HTML file) here")
+    parser.add_argument("--html-samples", type=int, default=3, help="sample answers per source on the page")
     args = parser.parse_args(argv)
+    if args.max_samples < 1:
+        raise SystemExit(f"--max-samples must be at least 1, got {args.max_samples}")
+    if args.html_samples < 0:
+        raise SystemExit(f"--html-samples must be at least 0, got {args.html_samples}")
 
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     from mole_lightning.data import MixedInstructionDataModule
     from mole_lightning.eval.callback import take_rows
-    from mole_lightning.eval.routing import SELECTIONS, RoutingAccumulator, plot_routing_heatmaps
+    from mole_lightning.eval.routing import SELECTIONS, RoutingAccumulator
+    from mole_lightning.eval.routing_page import heatmap_pngs, render_routing_page, sample_routing
 
     sources = parse_sources(args.val)
     model = build_model(args).to(args.device)
@@ -171,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     names = datamodule.val_source_names
     accumulator = RoutingAccumulator(model, names)
     samples = dict.fromkeys(names, 0)
+    routed = []
+    page_samples = args.html_samples if args.html else 0
     with torch.no_grad(), accumulator:
         for name in names:
             for batch in datamodule.source_loader(name, "train"):
@@ -187,6 +225,10 @@ def main(argv: list[str] | None = None) -> int:
                     has_image=batch["has_image"],
                     return_routing_stats=False,
                 )
+                shown = sum(sample.source == name for sample in routed)
+                rows = range(min(page_samples - shown, len(batch["input_ids"])))
+                if rows:
+                    routed += sample_routing(model, batch, rows, datamodule.tokenizer, model.image_token_id)
     counts = accumulator.result()
 
     os.makedirs(args.out, exist_ok=True)
@@ -196,15 +238,13 @@ def main(argv: list[str] | None = None) -> int:
         for row in counts.specialization(tokens, args.weighting):
             rows.append({"token_type": tokens, **row})
     write_csv(os.path.join(args.out, "specialization.csv"), rows)
+    heatmaps = heatmap_pngs(counts, args.layers_per_figure)
     pngs = []
-    for tokens in SELECTIONS:
-        if int(counts.select(tokens).sum()) == 0:
-            continue
-        for label, fig in plot_routing_heatmaps(counts, tokens, args.layers_per_figure):
-            path = os.path.join(args.out, f"routing_{tokens}_{label}.png")
-            fig.savefig(path, dpi=120, bbox_inches="tight")
-            plt.close(fig)
-            pngs.append(path)
+    for tokens, label, png in heatmaps:
+        path = os.path.join(args.out, f"routing_{tokens}_{label}.png")
+        with open(path, "wb") as handle:
+            handle.write(png)
+        pngs.append(path)
     specialization = counts.specialization("all", args.weighting)
     summary = {
         "sources": names,
@@ -225,6 +265,12 @@ def main(argv: list[str] | None = None) -> int:
             f"({row['normalized_mi']:.1%} of H(source) = {row['source_entropy_bits']:.3f})"
         )
     print(f"wrote {args.out}/routing_fractions.csv, specialization.csv, summary.json and {len(pngs)} PNG(s)")
+    if args.html:
+        page = render_routing_page(counts, routed, samples, args.weighting, heatmaps)
+        os.makedirs(os.path.dirname(os.path.abspath(args.html)), exist_ok=True)
+        with open(args.html, "w", encoding="utf-8") as handle:
+            handle.write(page)
+        print(f"wrote {args.html} ({len(routed)} sample answers)")
     return 0
 
 
