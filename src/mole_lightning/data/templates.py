@@ -9,7 +9,7 @@ model scatters its visual features.
 How the text is tokenized is part of the template (:class:`RenderedConversation`): ``vicuna_v1`` and ``plain``
 follow LLaVA's ``tokenizer_image_token`` (the text is split at ``<image>``, each chunk tokenized with the tokenizer's
 own special tokens, BOS kept once), so a SentencePiece tokenizer (vicuna's ``tokenizer.model``, ``legacy`` true or
-false) gives LLaVA-1.5's ids token for token; ``llava_hf`` tokenizes the whole text with the tokenizer's special
+false) gives LLaVA-1.5's ids token for token; ``processor`` tokenizes the whole text with the tokenizer's special
 tokens as transformers' ``LlavaProcessor`` does; the others tokenize their text, which holds every special token,
 as ``apply_chat_template`` does.
 
@@ -20,8 +20,8 @@ Templates (``TEMPLATES``):
 * ``chatml`` -- Qwen: ``<|im_start|>role\\n{text}<|im_end|>\\n`` blocks.
 * ``plain`` -- stage-1 captioning: ``"<s><image>{caption}</s>"`` (the question text is dropped, as in LLaVA).
 * ``tokenizer`` -- the tokenizer's own Jinja ``chat_template`` (``apply_chat_template``).
-* ``llava_hf`` -- the prompt format of transformers' llava-hf processors: ``"USER: <image>\\n{q} ASSISTANT: {a}</s>"``
-  (no system prompt, BOS from the tokenizer).
+* ``processor`` -- the chat template of the tokenizer's processor folder (llava-hf's ``chat_template.json``:
+  ``"USER: <image>\\n{q} ASSISTANT:"``), tokenized as transformers' ``LlavaProcessor`` does.
 
 Requires a fast (``tokenizers``-backed) tokenizer, because labels are derived from character offsets; this makes
 masking independent of how a tokenizer merges spaces around role markers.
@@ -29,8 +29,10 @@ masking independent of how a tokenizer merges spaces around role markers.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -135,40 +137,19 @@ def render_vicuna_v1(
 ) -> RenderedConversation:
     """LLaVA-1.5 ``conv_vicuna_v1`` (``SeparatorStyle.TWO``, sep ``" "``, sep2 ``"</s>"``), tokenized as LLaVA does."""
     system, turns = _split_system(messages, VICUNA_V1_SYSTEM, system_prompt)
+    eos = _special(tokenizer, "eos_token", "</s>")
     out = _Builder()
     out.add(system + " ")
-    _add_user_assistant_turns(out, turns, _special(tokenizer, "eos_token", "</s>"))
-    if add_generation_prompt:
-        out.add("ASSISTANT:")
-        return out.build(out.length, **LLAVA_TOKENIZATION)
-    return out.build(**LLAVA_TOKENIZATION)
-
-
-def _add_user_assistant_turns(out: _Builder, turns: list[Message], eos: str) -> None:
-    """``USER: {q} ASSISTANT: {a}{eos}`` per round; the space after ``ASSISTANT:`` is learned with the reply."""
     for message in turns:
         if message.role == "user":
             out.add(f"USER: {message.text} ")
         else:
             out.add("ASSISTANT:")  # the generation prompt ends here, so the separator space belongs to the reply
             out.add(" " + message.text + eos, learned=True)
-
-
-def render_llava_hf(
-    messages: list[Message], tokenizer: Any, system_prompt: str | None, add_generation_prompt: bool
-) -> RenderedConversation:
-    """transformers' llava-hf processor format (``USER: <image>\\n{q} ASSISTANT:``, no system prompt), tokenized
-    whole with the tokenizer's BOS as ``LlavaProcessor`` does. A leading system turn or ``system_prompt`` is put
-    first, followed by a space."""
-    system, turns = _split_system(messages, "", system_prompt)
-    out = _Builder()
-    if system:
-        out.add(system + " ")
-    _add_user_assistant_turns(out, turns, _special(tokenizer, "eos_token", "</s>"))
     if add_generation_prompt:
         out.add("ASSISTANT:")
-        return out.build(out.length, add_special_tokens=True)
-    return out.build(add_special_tokens=True)
+        return out.build(out.length, **LLAVA_TOKENIZATION)
+    return out.build(**LLAVA_TOKENIZATION)
 
 
 def render_llama3(
@@ -241,20 +222,90 @@ def render_tokenizer_chat_template(
     if system_prompt is not None and (not chat or chat[0]["role"] != "system"):
         chat.insert(0, {"role": "system", "content": system_prompt})
 
-    def render(items: list[dict[str, str]], generation: bool) -> str:
+    def render(items: list[dict[str, Any]], generation: bool) -> str:
         return tokenizer.apply_chat_template(items, tokenize=False, add_generation_prompt=generation)
 
+    text, spans = _render_with_reply_spans(chat, render, add_generation_prompt)
+    return RenderedConversation(text, spans, len(text) if add_generation_prompt else None)
+
+
+def _render_with_reply_spans(
+    chat: list[dict[str, Any]], render: Callable[[list[dict[str, Any]], bool], str], add_generation_prompt: bool
+) -> tuple[str, list[tuple[int, int]]]:
+    """``render(chat)`` and the character span of every assistant reply, found by rendering growing prefixes."""
     text = render(chat, add_generation_prompt)
     spans: list[tuple[int, int]] = []
     for index, item in enumerate(chat):
         if item["role"] != "assistant":
             continue
-        start = len(render(chat[:index], True))
-        end = len(render(chat[: index + 1], False).rstrip())
-        if text[:start] != render(chat[:index], True):
-            raise ValueError("the tokenizer's chat_template does not render conversation prefixes consistently")
-        spans.append((start, end))
-    return RenderedConversation(text, spans, len(text) if add_generation_prompt else None)
+        prompt = render(chat[:index], True)
+        if text[: len(prompt)] != prompt:
+            raise ValueError("the chat template does not render conversation prefixes consistently")
+        spans.append((len(prompt), len(render(chat[: index + 1], False).rstrip())))
+    return text, spans
+
+
+PROCESSOR_TEMPLATE_FILES = ("chat_template.json", "chat_template.jinja")
+"""Where a processor folder (llava-hf) keeps its chat template, beside the tokenizer files."""
+
+
+def processor_chat_template(tokenizer: Any) -> str:
+    """The chat template of the processor whose folder holds ``tokenizer`` (``chat_template.json`` / ``.jinja``).
+
+    Raises:
+        ValueError: The tokenizer's folder holds no processor chat template.
+    """
+    folder = Path(str(getattr(tokenizer, "name_or_path", "") or ""))
+    for name in PROCESSOR_TEMPLATE_FILES:
+        path = folder / name
+        if path.is_file():
+            text = path.read_text(encoding="utf-8")
+            return json.loads(text)["chat_template"] if name.endswith(".json") else text
+    raise ValueError(f"template='processor' needs {' or '.join(PROCESSOR_TEMPLATE_FILES)} in {str(folder)!r}")
+
+
+def render_processor_chat_template(
+    messages: list[Message], tokenizer: Any, system_prompt: str | None, add_generation_prompt: bool
+) -> RenderedConversation:
+    """The chat template of the tokenizer's processor folder (llava-hf: ``USER: <image>\\n{q} ASSISTANT:``).
+
+    Messages become processor content lists (``{"type": "image"}`` for the placeholder, then the text) and the
+    whole text is tokenized with the tokenizer's BOS, so a generation prompt is, token for token, what
+    transformers' processor (``apply_chat_template`` + ``__call__``) gives. Templates that end a reply without the
+    EOS token (llava-hf's) get it inserted after each reply of a training conversation, so the model learns to stop;
+    generation prompts keep the template's text exactly.
+    """
+    template = processor_chat_template(tokenizer)
+    chat: list[dict[str, Any]] = []
+    if system_prompt is not None and (not messages or messages[0].role != "system"):
+        chat.append({"role": "system", "content": [{"type": "text", "text": system_prompt}]})
+    for message in messages:
+        content: list[dict[str, str]] = []
+        text = message.text
+        if text.startswith(DEFAULT_IMAGE_TOKEN):
+            content.append({"type": "image"})
+            text = text[len(DEFAULT_IMAGE_TOKEN) :].lstrip("\n")
+        content.append({"type": "text", "text": text})
+        chat.append({"role": message.role, "content": content})
+
+    def render(items: list[dict[str, Any]], generation: bool) -> str:
+        return tokenizer.apply_chat_template(
+            items, chat_template=template, tokenize=False, add_generation_prompt=generation
+        )
+
+    text, spans = _render_with_reply_spans(chat, render, add_generation_prompt)
+    eos = _special(tokenizer, "eos_token")
+    if add_generation_prompt or not eos:
+        return RenderedConversation(text, spans, len(text) if add_generation_prompt else None, add_special_tokens=True)
+    out = _Builder()
+    previous = 0
+    for start, end in spans:
+        out.add(text[previous:start])
+        ends_with_eos = text[end:].lstrip().startswith(eos)
+        out.add(text[start:end] if ends_with_eos else text[start:end] + eos, learned=True)
+        previous = end
+    out.add(text[previous:])
+    return out.build(add_special_tokens=True)
 
 
 TEMPLATES: dict[str, Renderer] = {
@@ -263,7 +314,7 @@ TEMPLATES: dict[str, Renderer] = {
     "chatml": render_chatml,
     "plain": render_plain,
     "tokenizer": render_tokenizer_chat_template,
-    "llava_hf": render_llava_hf,
+    "processor": render_processor_chat_template,
 }
 """Template registry: name → renderer. Add your own with :func:`register_template`."""
 
