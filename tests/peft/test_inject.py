@@ -34,7 +34,7 @@ def randomize_adapters(model, seed=1):
 
 def test_zero_b_equals_base_exactly(tiny_lm):
     reference = tiny_lm(IDS, attention_mask=MASK).logits
-    apply_mole(tiny_lm, MoLEConfig(num_experts=3, rank=4, alpha=8))
+    apply_mole(tiny_lm, MoLEConfig(dropout=0.0, num_experts=3, rank=4, alpha=8))
     with routing_mask(tiny_lm, MASK):
         adapted = tiny_lm(IDS, attention_mask=MASK).logits
     assert torch.equal(adapted, reference)
@@ -42,7 +42,7 @@ def test_zero_b_equals_base_exactly(tiny_lm):
 
 def test_structure_and_trainable_parameters(tiny_lm):
     num_layers = tiny_lm.config.num_hidden_layers
-    apply_mole(tiny_lm, MoLEConfig(num_experts=3, rank=4, alpha=8))
+    apply_mole(tiny_lm, MoLEConfig(dropout=0.0, num_experts=3, rank=4, alpha=8))
     modules = dict(tiny_lm.named_modules())
     routers = [n for n, m in modules.items() if isinstance(m, MoLERouter)]
     assert len(routers) == num_layers and all(n.endswith("mlp.router") for n in routers)
@@ -56,7 +56,7 @@ def test_structure_and_trainable_parameters(tiny_lm):
 
 
 def test_only_adapters_get_grads_and_frozen_weights_stay(tiny_lm):
-    apply_mole(tiny_lm, MoLEConfig(num_experts=3, rank=4, alpha=8, balance_coef=0.01))
+    apply_mole(tiny_lm, MoLEConfig(dropout=0.0, num_experts=3, rank=4, alpha=8, balance_coef=0.01))
     randomize_adapters(tiny_lm)
     frozen_before = {n: p.detach().clone() for n, p in tiny_lm.named_parameters() if not p.requires_grad}
     optimizer = torch.optim.AdamW([p for p in tiny_lm.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
@@ -76,7 +76,7 @@ def test_only_adapters_get_grads_and_frozen_weights_stay(tiny_lm):
 
 
 def test_k1_is_plain_lora_on_mlp_without_router(tiny_lm):
-    apply_mole(tiny_lm, MoLEConfig(num_experts=1, rank=4, alpha=8))
+    apply_mole(tiny_lm, MoLEConfig(dropout=0.0, num_experts=1, rank=4, alpha=8))
     assert not any(isinstance(m, (MoLERouter, MoLELinear)) for m in tiny_lm.modules())
     mlp = tiny_lm.model.layers[0].mlp
     assert all(isinstance(getattr(mlp, p), LoRALinear) for p in ("gate_proj", "up_proj", "down_proj"))
@@ -89,7 +89,7 @@ def test_lm_inside_llava_is_adapted_and_vision_tower_is_not():
     pixel_values = torch.randn(1, 3, 16, 16)
     ids = torch.cat([torch.full((1, 16), 96), torch.randint(0, 90, (1, 5))], dim=1)  # 16 image tokens + text
     reference = llava(input_ids=ids, pixel_values=pixel_values).logits
-    apply_mole(llava, MoLEConfig(num_experts=2, rank=4, alpha=8))
+    apply_mole(llava, MoLEConfig(dropout=0.0, num_experts=2, rank=4, alpha=8))
     names = [n for n, m in llava.named_modules() if isinstance(m, (LoRALinear, MoLELinear, MoLERouter))]
     assert names and all("language_model" in n for n in names)
     assert not any(p.requires_grad for p in llava.model.vision_tower.parameters())
@@ -100,7 +100,7 @@ def test_lm_inside_llava_is_adapted_and_vision_tower_is_not():
 
 def test_adapter_state_dict_round_trip_through_safetensors(tmp_path, tiny_lm):
     base = copy.deepcopy(tiny_lm)
-    config = MoLEConfig(num_experts=3, rank=4, alpha=8)
+    config = MoLEConfig(dropout=0.0, num_experts=3, rank=4, alpha=8)
     apply_mole(tiny_lm, config)
     randomize_adapters(tiny_lm)
     with routing_mask(tiny_lm, MASK):
@@ -117,9 +117,9 @@ def test_adapter_state_dict_round_trip_through_safetensors(tmp_path, tiny_lm):
 
 def test_adapter_state_dict_mismatch_is_a_clear_error(tiny_lm):
     other = copy.deepcopy(tiny_lm)
-    apply_mole(tiny_lm, MoLEConfig(num_experts=3, rank=4, alpha=8))
+    apply_mole(tiny_lm, MoLEConfig(dropout=0.0, num_experts=3, rank=4, alpha=8))
     state = adapter_state_dict(tiny_lm)
-    apply_mole(other, MoLEConfig(num_experts=2, rank=4, alpha=8))
+    apply_mole(other, MoLEConfig(dropout=0.0, num_experts=2, rank=4, alpha=8))
     with pytest.raises(ValueError, match=r"lora_A' has shape \(3, 32, 4\), the model expects \(2, 32, 4\)"):
         load_adapter_state_dict(other, state)
     renamed = {k.replace("q_proj", "query"): v for k, v in state.items()}
@@ -128,15 +128,15 @@ def test_adapter_state_dict_mismatch_is_a_clear_error(tiny_lm):
 
 
 def test_apply_twice_and_no_target_are_errors(tiny_lm):
-    apply_mole(tiny_lm, MoLEConfig(num_experts=2, rank=2, alpha=4))
+    apply_mole(tiny_lm, MoLEConfig(dropout=0.0, num_experts=2, rank=2, alpha=4))
     with pytest.raises(ValueError, match="already has LoRA/MoLE adapters"):
-        apply_mole(tiny_lm, MoLEConfig(num_experts=2, rank=2, alpha=4))
+        apply_mole(tiny_lm, MoLEConfig(dropout=0.0, num_experts=2, rank=2, alpha=4))
     with pytest.raises(ValueError, match="no module named like"):
         apply_mole(torch.nn.Sequential(torch.nn.Linear(2, 2)), MoLEConfig())
 
 
 def test_gradient_checkpointing_gives_same_loss_grads_and_stats(tiny_lm):
-    apply_mole(tiny_lm, MoLEConfig(num_experts=3, rank=4, alpha=8, balance_coef=0.1, z_loss_coef=0.01))
+    apply_mole(tiny_lm, MoLEConfig(dropout=0.0, num_experts=3, rank=4, alpha=8, balance_coef=0.1, z_loss_coef=0.01))
     randomize_adapters(tiny_lm)
     checkpointed = copy.deepcopy(tiny_lm)
     checkpointed.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -182,7 +182,9 @@ def test_config_validation(field, value, message):
 def test_config_from_dict_names_unknown_fields():
     with pytest.raises(ValueError, match=r"unknown field\(s\) \['experts'\]"):
         MoLEConfig.from_dict({"experts": 3})
-    assert MoLEConfig.from_dict(MoLEConfig(num_experts=5).to_dict()) == MoLEConfig(num_experts=5)
+    assert MoLEConfig.from_dict(MoLEConfig(dropout=0.0, num_experts=5).to_dict()) == MoLEConfig(
+        dropout=0.0, num_experts=5
+    )
 
 
 def test_all_tiny_families_available():

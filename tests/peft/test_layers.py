@@ -25,7 +25,9 @@ class GatedMLP(nn.Module):
 
 def adapted_mlp(num_experts: int, gate: str = "prob", rank: int = 4, seed: int = 0) -> GatedMLP:
     torch.manual_seed(seed)
-    mlp = apply_mole(GatedMLP(), MoLEConfig(num_experts=num_experts, rank=rank, alpha=2.0 * rank, gate=gate))
+    mlp = apply_mole(
+        GatedMLP(), MoLEConfig(dropout=0.0, num_experts=num_experts, rank=rank, alpha=2.0 * rank, gate=gate)
+    )
     with torch.no_grad():  # non-zero B so every adapter parameter gets a gradient
         for module in mlp.modules():
             if isinstance(module, (MoLELinear, LoRALinear)):
@@ -95,7 +97,7 @@ def test_experts_without_tokens_get_zero_grad_not_none():
 
 
 def test_grouped_rejects_misaligned_rank():
-    mlp = apply_mole(GatedMLP(), MoLEConfig(num_experts=2, rank=3, alpha=6, impl="grouped"))
+    mlp = apply_mole(GatedMLP(), MoLEConfig(dropout=0.0, num_experts=2, rank=3, alpha=6, impl="grouped"))
     with pytest.raises(ValueError, match="16 bytes"):
         mlp(torch.randn(4, 16))
 
@@ -115,7 +117,7 @@ def test_gate_modes_match_hand_computed_outputs():
         mlp.up_proj = nn.Linear(2, 2, bias=False)
         mlp.forward = lambda inp, m=mlp: m.up_proj(inp)
         nn.init.zeros_(mlp.up_proj.weight)
-        apply_mole(mlp, MoLEConfig(num_experts=2, rank=2, alpha=3.0, gate=gate, mlp_targets=["up_proj"]))
+        apply_mole(mlp, MoLEConfig(dropout=0.0, num_experts=2, rank=2, alpha=3.0, gate=gate, mlp_targets=["up_proj"]))
         with torch.no_grad():
             mlp.router.weight.copy_(torch.eye(2))
             mlp.router.bias.zero_()

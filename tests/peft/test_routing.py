@@ -42,7 +42,7 @@ def identity_routed(config: MoLEConfig, swap_second: bool = False) -> TwoLayers:
 
 
 def cfg(**kw) -> MoLEConfig:
-    return MoLEConfig(num_experts=2, rank=2, alpha=2.0, mlp_targets=["up_proj"], attn_targets=[], **kw)
+    return MoLEConfig(dropout=0.0, num_experts=2, rank=2, alpha=2.0, mlp_targets=["up_proj"], attn_targets=[], **kw)
 
 
 def test_switch_balance_and_z_loss_by_hand():
@@ -118,7 +118,7 @@ def test_no_router_gives_zero_aux():
     model = identity_routed(cfg())
     aux = collect_aux(model)  # no forward yet
     assert aux.total.item() == 0.0
-    single = apply_mole(TwoLayers(), MoLEConfig(num_experts=1, rank=2, alpha=2, mlp_targets=["up_proj"]))
+    single = apply_mole(TwoLayers(), MoLEConfig(dropout=0.0, num_experts=1, rank=2, alpha=2, mlp_targets=["up_proj"]))
     single(torch.randn(3, 2))
     assert collect_aux(single).total.item() == 0.0 and routing_statistics(single) == {}
 

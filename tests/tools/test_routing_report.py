@@ -101,7 +101,10 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         ),
     )
     module = MoLELightningModule(
-        architecture=spec, mole=MoLEConfig(num_experts=3, rank=4, alpha=8.0), tokenizer=demo.tokenizer, model_seed=3
+        architecture=spec,
+        mole=MoLEConfig(dropout=0.0, num_experts=3, rank=4, alpha=8.0),
+        tokenizer=demo.tokenizer,
+        model_seed=3,
     )
     model = module.build_model().eval()
     with torch.no_grad():  # uneven routing, as after training

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from mole_lightning.models.vision import VisionTower
 
@@ -455,10 +456,19 @@ class LlavaMoLE(nn.Module):
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        inputs_embeds = self.embed(input_ids, pixel_values, has_image)  # (B, T, D)
-        return self.language_model.generate(
-            input_ids=input_ids,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            **generation_kwargs,
-        )
+        # Under FSDP2 the root unit (embeddings, projector, LM head) is gathered by the root's forward hook, which
+        # generation bypasses: gather it here and free it afterwards (decoder layers gather themselves).
+        sharded_root = isinstance(self, FSDPModule)
+        if sharded_root:
+            self.unshard()
+        try:
+            inputs_embeds = self.embed(input_ids, pixel_values, has_image)  # (B, T, D)
+            return self.language_model.generate(
+                input_ids=input_ids,
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                **generation_kwargs,
+            )
+        finally:
+            if sharded_root:
+                self.reshard()

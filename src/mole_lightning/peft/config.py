@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 GateMode = Literal["prob", "straight_through", "none", "soft"]
 BalanceMode = Literal["switch", "pooled"]
 ComputeImpl = Literal["auto", "dense_masked", "grouped", "loop"]
 
-GATE_MODES: tuple[str, ...] = ("prob", "straight_through", "none", "soft")
-BALANCE_MODES: tuple[str, ...] = ("switch", "pooled")
-COMPUTE_IMPLS: tuple[str, ...] = ("auto", "dense_masked", "grouped", "loop")
+GATE_MODES: tuple[str, ...] = get_args(GateMode)
+BALANCE_MODES: tuple[str, ...] = get_args(BalanceMode)
+COMPUTE_IMPLS: tuple[str, ...] = get_args(ComputeImpl)
 
 
 @dataclass
@@ -27,7 +27,7 @@ class MoLEConfig:
         num_experts: K, LoRA experts per MLP projection. ``1`` is plain LoRA on the MLP (no router).
         rank: r, LoRA rank of attention adapters and of every expert.
         alpha: LoRA alpha; adapters are scaled by ``alpha / rank``.
-        dropout: dropout on the adapter input (the base path never sees it).
+        dropout: dropout on the adapter input (the base path never sees it); 0.05 as in the paper.
         attn_targets: names of attention projections that get plain LoRA (matched on the last name component).
         mlp_targets: names of MLP projections that get K experts (matched on the last name component inside a
             module that holds at least one of them).
@@ -39,7 +39,8 @@ class MoLEConfig:
         balance: ``"switch"``: K * sum_i f_i * P_i per layer, averaged over layers. ``"pooled"``: the official
             variant, per sample over all layers' valid tokens pooled, sum_i f_i * P_i without the K factor,
             averaged over samples.
-        balance_coef: weight of the balance loss in the total auxiliary loss.
+        balance_coef: weight of the balance loss in the total auxiliary loss (0.01, the Switch Transformer value;
+            must be > 0 with ``gate="none"``, where the balance loss is the router's only training signal).
         z_loss_coef: weight of the router z-loss mean(logsumexp(logits)^2) (0 disables it).
         impl: compute path of the routed experts; all give the same result. ``"loop"``: per-expert reference.
             ``"dense_masked"``: all experts' A in one matmul, masked rank-r intermediate, one matmul with stacked B.
@@ -51,12 +52,12 @@ class MoLEConfig:
     num_experts: int = 3
     rank: int = 8
     alpha: float = 16.0
-    dropout: float = 0.0
+    dropout: float = 0.05
     attn_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     mlp_targets: list[str] = field(default_factory=lambda: ["gate_proj", "up_proj", "down_proj"])
     gate: GateMode = "prob"
     balance: BalanceMode = "switch"
-    balance_coef: float = 0.0
+    balance_coef: float = 0.01
     z_loss_coef: float = 0.0
     impl: ComputeImpl = "auto"
     router_bias: bool = True
@@ -81,6 +82,11 @@ class MoLEConfig:
         for name in ("balance_coef", "z_loss_coef"):
             if getattr(self, name) < 0:
                 raise ValueError(f"MoLEConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.gate == "none" and self.num_experts > 1 and self.balance_coef == 0:
+            raise ValueError(
+                "MoLEConfig: gate='none' with balance_coef=0 never trains the router (the balance loss is its only "
+                "gradient); set balance_coef > 0 (official: 0.05 with balance='pooled') or use gate='prob'"
+            )
         overlap = set(self.attn_targets) & set(self.mlp_targets)
         if overlap:
             raise ValueError(f"MoLEConfig: {sorted(overlap)} listed in both attn_targets and mlp_targets")

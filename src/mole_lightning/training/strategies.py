@@ -152,8 +152,47 @@ class MoLEModelParallelStrategy(ModelParallelStrategy):
             self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
 
+    def reshard(self) -> None:
+        """Free the gathered parameters of every FSDP2 unit, the root's included.
+
+        FSDP2 keeps the root unit gathered after its forward (its parameters are needed again by the backward). A
+        forward without backward (validation, test, generation in a callback) leaves the root's unsharded tensors
+        registered as the module's parameters, so the optimizer's sharded parameters no longer match the module's
+        when the optimizer state is gathered for a checkpoint (``KeyError`` in ``get_optimizer_state_dict``).
+        Called after every evaluation loop and before every checkpoint gather.
+        """
+        from torch.distributed.fsdp import FSDPModule
+
+        module = self.lightning_module
+        if module is None:
+            return
+        for unit in module.modules():
+            if isinstance(unit, FSDPModule):
+                unit.reshard()
+
+    def on_validation_end(self) -> None:
+        """Reshard the root after the forward-only validation loop."""
+        super().on_validation_end()
+        self.reshard()
+
+    def on_test_end(self) -> None:
+        """Reshard the root after the forward-only test loop."""
+        super().on_test_end()
+        self.reshard()
+
+    def on_predict_end(self) -> None:
+        """Reshard the root after prediction."""
+        super().on_predict_end()
+        self.reshard()
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """The optimizer state (Lightning's gather), taken with every unit resharded (see :meth:`reshard`)."""
+        self.reshard()
+        return super().optimizer_state(optimizer)
+
     def lightning_module_state_dict(self) -> dict[str, Any]:
         """Full tensors of the trainable parameters only (every rank takes part in the gathers)."""
+        self.reshard()
         module = self.lightning_module
         assert module is not None
         state: dict[str, Any] = {}
