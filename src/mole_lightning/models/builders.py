@@ -204,7 +204,8 @@ def build_llava_mole(
         projector: ``"mlp2x_gelu"``, ``"mlp{N}x_gelu"``, ``"linear"`` or ``"identity"``.
         projector_path: LLaVA stage-1 ``mm_projector.bin`` (or safetensors) to initialise the projector.
         mole: a ``MoLEConfig`` (or its dict) to adapt the LLM with; ``None`` trains the projector only (stage 1).
-        dtype: dtype of LLM, tower and projector (``None``: float32).
+        dtype: dtype of the frozen LLM and tower (``None``: float32); trained tensors (projector, adapters,
+            routers) are fp32 master weights that compute in their input's dtype.
         attn_implementation: LLM attention backend.
         image_token: image placeholder token.
         train_new_token_rows: make embedding rows added for new tokens trainable.
@@ -246,9 +247,7 @@ def build_llava_mole(
         dtype=dtype,
     )
     lm_hidden = language_model.get_input_embeddings().weight.shape[1]
-    proj = build_projector(projector, in_dim=tower.hidden_size, out_dim=lm_hidden)
-    if dtype is not None:
-        proj.to(dtype)
+    proj = build_projector(projector, in_dim=tower.hidden_size, out_dim=lm_hidden).float()  # trained: fp32 masters
     if projector_path is not None:
         load_projector(proj, projector_path)
 

@@ -422,6 +422,20 @@ class LlavaMoLE(nn.Module):
             routing_stats=stats,
         )
 
+    def _apply(self, fn: Any, recurse: bool = True) -> LlavaMoLE:
+        """Conversions (``.to(dtype)``, ``.half()``, Lightning's ``bf16-true`` plugin) change the dtype of frozen
+        tensors only: trainable ones (adapters, routers, projector; fp32 master weights) keep their dtype, so an
+        update smaller than bf16 resolution is not lost. Device moves apply to every tensor."""
+
+        def convert(tensor: torch.Tensor) -> torch.Tensor:
+            converted = fn(tensor)
+            trainable = isinstance(tensor, nn.Parameter) and tensor.requires_grad
+            if trainable and converted.is_floating_point() and converted.dtype != tensor.dtype:
+                return tensor.to(device=converted.device)
+            return converted
+
+        return super()._apply(convert, recurse)
+
     def routing_statistics(self) -> dict[str, dict[str, Any]]:
         """Per-layer routing statistics of the last forward (empty without MoLE)."""
         if self.mole_config is None:

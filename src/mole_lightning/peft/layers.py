@@ -58,8 +58,8 @@ class _FrozenLinearBase(nn.Module):
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def _adapter_dtype(self) -> torch.dtype:
-        dtype = self.weight.dtype
-        return dtype if dtype.is_floating_point else torch.float32
+        """Adapters are fp32 master weights whatever the base dtype; they compute in the input's dtype."""
+        return torch.float32
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
@@ -72,6 +72,7 @@ class LoRALinear(_FrozenLinearBase):
     """Plain LoRA: y = x W^T + b + (alpha/r) * dropout(x) A B.
 
     Shapes: x (..., d_in) -> y (..., d_out); lora_A (d_in, r); lora_B (r, d_out). Init: A kaiming-uniform, B zeros.
+    A and B are fp32 (master weights: updates below bf16 resolution are kept) and compute in x's dtype.
     """
 
     def __init__(self, base: nn.Linear, *, rank: int, alpha: float, dropout: float = 0.0) -> None:
@@ -96,7 +97,7 @@ class LoRALinear(_FrozenLinearBase):
         leading = x.shape[:-1]
         x2d = x.reshape(-1, self.in_features)  # (T, d_in)
         base = self.base_forward(x2d)  # (T, d_out)
-        h = self.lora_dropout(x2d).to(self.lora_A.dtype) @ self.lora_A  # (T, r)
+        h = self.lora_dropout(x2d) @ self.lora_A.to(x2d.dtype)  # (T, r), in the input's dtype
         h = h * self.scaling
         out = torch.addmm(base, h.to(base.dtype), self.lora_B.to(base.dtype))  # (T, d_out)
         return out.reshape(*leading, self.out_features)
@@ -300,7 +301,8 @@ class MoLELinear(_FrozenLinearBase):
                 f"MoLELinear got {x2d.shape[0]} tokens but its router decided for {decision.expert.shape[0]}"
             )
         base = self.base_forward(x2d)  # (T, d_out)
-        xa = self.lora_dropout(x2d).to(self.lora_A.dtype)
-        impl = select_impl(self.impl, xa, self.lora_A, self.lora_B, decision.dense)
-        out = EXPERT_IMPLS[impl](base, xa, self.lora_A, self.lora_B, decision, self.scaling)  # (T, d_out)
+        xa = self.lora_dropout(x2d)
+        lora_a, lora_b = self.lora_A.to(xa.dtype), self.lora_B.to(xa.dtype)  # fp32 masters, compute in x's dtype
+        impl = select_impl(self.impl, xa, lora_a, lora_b, decision.dense)
+        out = EXPERT_IMPLS[impl](base, xa, lora_a, lora_b, decision, self.scaling)  # (T, d_out)
         return out.reshape(*leading, self.out_features)

@@ -119,10 +119,12 @@ class _Fp32Linear(torch.autograd.Function):
 
 
 def fp32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """(T, d) x (K, d) -> (T, K) logits in fp32; fp32 inputs take the plain path."""
-    if x.dtype == torch.float32:
-        return F.linear(x, weight, bias)
-    return _Fp32Linear.apply(x, weight, bias)
+    """(T, d) x (K, d) -> (T, K) logits in fp32, with autocast off (``bf16-mixed`` would compute them in bf16);
+    fp32 inputs take the plain path."""
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        if x.dtype == torch.float32:
+            return F.linear(x, weight, bias)
+        return _Fp32Linear.apply(x, weight, bias)
 
 
 def _in_backward_pass() -> bool:
