@@ -25,10 +25,10 @@ Prints each file written with its size; on failure prints one line naming the pr
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from mole_lightning.models.export import EXPORT_FORMATS, file_sizes, human_size
-from mole_lightning.training.export import export_checkpoint
+from mole_lightning.models.export import EXPORT_FORMATS, check_destination, file_sizes, human_size
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,6 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     args = parser.parse_args(argv)
     try:
+        if not os.path.exists(args.checkpoint):  # before importing the trainer (seconds)
+            raise FileNotFoundError(f"input {args.checkpoint!r} does not exist")
+        check_destination(args.out, overwrite=args.overwrite)
+        from mole_lightning.training.export import export_checkpoint
+
         directory = export_checkpoint(
             args.checkpoint,
             args.out,
