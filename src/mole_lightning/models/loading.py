@@ -93,12 +93,14 @@ def load_llava_hf(
     attn_implementation: str | None = None,
     trust_remote_code: bool = False,
     prune_vision: bool = True,
+    adapter: str | os.PathLike | None = None,
 ) -> LlavaMoLE:
     """Our model from a llava-hf ``LlavaForConditionalGeneration`` checkpoint directory.
 
     The vision tower (CLIP/SigLIP), projector (``linear_1 → gelu → linear_2``), Llama decoder and ``lm_head`` are
-    taken over unchanged; the tokenizer (if the directory has one) is attached as ``model.tokenizer``. Requires a
-    single integer ``vision_feature_layer`` and ``projector_hidden_act="gelu"``.
+    taken over unchanged; the tokenizer (if the directory has one) is attached as ``model.tokenizer`` and ``path``
+    as ``model.base_model_name_or_path``. Requires a single integer ``vision_feature_layer`` and
+    ``projector_hidden_act="gelu"``.
 
     Args:
         path: checkpoint directory (or hub id), old (``language_model.model.*``) or new key layout.
@@ -107,6 +109,7 @@ def load_llava_hf(
         attn_implementation: LLM attention backend.
         trust_remote_code: allow custom code from the directory.
         prune_vision: drop vision layers after the feature layer.
+        adapter: a ``mole`` adapter export folder to load on top (:func:`load_adapters`; applies its MoLE config).
     """
     from transformers import AutoModelForCausalLM, LlavaForConditionalGeneration
 
@@ -150,8 +153,11 @@ def load_llava_hf(
 
     model = LlavaMoLE(tower, projector, language_model, image_token_id=config.image_token_id)
     model.tokenizer = _maybe_tokenizer(str(path), trust_remote_code)
+    model.base_model_name_or_path = str(path)
     if mole is not None:
         model.apply_mole(_mole_config(mole))
+    if adapter is not None:
+        load_adapters(model, adapter)
     return model
 
 
@@ -192,11 +198,14 @@ def trainable_state_dict(model: LlavaMoLE) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
-def save_adapters(model: LlavaMoLE, directory: str | os.PathLike) -> Path:
+def save_adapters(
+    model: LlavaMoLE, directory: str | os.PathLike, *, base_model_name_or_path: str | None = None
+) -> Path:
     """Write ``adapter_model.safetensors`` (:func:`trainable_state_dict`) and ``adapter_config.json``.
 
-    The config records the ``MoLEConfig``, projector type, image token id, first trainable token row and the
-    vision feature layer, so that :func:`load_adapters` can rebuild the adapted model on the same base.
+    The config records the ``MoLEConfig``, projector type, image token id, first trainable token row, the
+    vision feature layer and the llava-hf base the adapters belong to (``base_model_name_or_path``, ``None`` when
+    the base is rebuilt otherwise), so that :func:`load_adapters` can rebuild the adapted model on the same base.
 
     Returns:
         The directory.
@@ -205,8 +214,10 @@ def save_adapters(model: LlavaMoLE, directory: str | os.PathLike) -> Path:
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_file(trainable_state_dict(model), str(directory / ADAPTER_WEIGHTS_NAME))
+    save_file(trainable_state_dict(model), str(directory / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
     meta = {
+        "format": "mole",
+        "base_model_name_or_path": base_model_name_or_path,
         "mole": dataclasses.asdict(model.mole_config) if model.mole_config is not None else None,
         "projector_type": projector_name(model.projector),
         "image_token_id": model.image_token_id,
@@ -215,6 +226,18 @@ def save_adapters(model: LlavaMoLE, directory: str | os.PathLike) -> Path:
     }
     (directory / ADAPTER_CONFIG_NAME).write_text(json.dumps(meta, indent=2))
     return directory
+
+
+def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
+    """The ``adapter_config.json`` of an adapter folder (ours or peft's).
+
+    Raises:
+        FileNotFoundError: the folder or its ``adapter_config.json`` does not exist.
+    """
+    path = Path(directory) / ADAPTER_CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(directory)!r} holds no {ADAPTER_CONFIG_NAME}; is it an adapter export?")
+    return json.loads(path.read_text())
 
 
 def load_adapters(model: LlavaMoLE, directory: str | os.PathLike) -> LlavaMoLE:
@@ -231,7 +254,9 @@ def load_adapters(model: LlavaMoLE, directory: str | os.PathLike) -> LlavaMoLE:
     from mole_lightning.peft import load_adapter_state_dict
 
     directory = Path(directory)
-    meta = json.loads((directory / ADAPTER_CONFIG_NAME).read_text())
+    meta = read_adapter_config(directory)
+    if meta.get("peft_type") is not None:
+        raise ValueError(f"{str(directory)!r} is a peft adapter folder; load it with peft.PeftModel.from_pretrained")
     state = load_file(str(directory / ADAPTER_WEIGHTS_NAME))
     if meta["projector_type"] != projector_name(model.projector):
         raise ValueError(

@@ -1,9 +1,12 @@
-"""Export the trainable tensors of a training checkpoint for inference: ``adapter_model.safetensors`` + config JSON.
+"""Export a training checkpoint (or an earlier adapter export) for inference, in the formats of
+:mod:`mole_lightning.models.export`: ``mole`` (default), ``peft`` or merged ``llava-hf``.
 
-The output loads with :func:`mole_lightning.models.load_adapters` onto a base model built the same way::
+A ``mole`` export of a checkpoint also holds ``training_config.json`` (the run's hyper-parameters), so it loads
+onto a base rebuilt from them (``mole-train predict --model.adapter_path``) as well as onto its llava-hf base::
 
     from mole_lightning.training.export import export_checkpoint
     export_checkpoint("checkpoints/demo/last.ckpt", "exports/demo")
+    export_checkpoint("checkpoints/lora/last.ckpt", "exports/lora-hf", to="llava-hf", merge=True)
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Any
 
 import torch
 
+from mole_lightning.models.llava_mole import LlavaMoLE
 from mole_lightning.training.module import MoLELightningModule, clean_parameter_name
 
 TRAINING_CONFIG_NAME = "training_config.json"
@@ -40,20 +44,58 @@ def module_from_checkpoint(path: str | os.PathLike) -> MoLELightningModule:
     return module
 
 
-def export_checkpoint(checkpoint_path: str | os.PathLike, output_dir: str | os.PathLike) -> Path:
-    """Write ``adapter_model.safetensors``, ``adapter_config.json`` and ``training_config.json`` to ``output_dir``.
+def load_trained_model(path: str | os.PathLike) -> tuple[LlavaMoLE, dict[str, Any] | None]:
+    """The trained model of a ``.ckpt`` file or of a ``mole`` adapter export folder, with the run's
+    hyper-parameters when known.
+
+    An export folder loads onto its ``base_model_name_or_path`` (``load_llava_hf(base, adapter=folder)``), else
+    onto the base rebuilt from its ``training_config.json``.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: a folder that is no ``mole`` export (a peft folder, or neither a base nor a training config).
+    """
+    from mole_lightning.models import load_adapters, load_llava_hf
+    from mole_lightning.models.loading import read_adapter_config
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"input {str(path)!r} does not exist")
+    if path.is_file():
+        hparams = read_checkpoint(path)["hyper_parameters"]
+        return module_from_checkpoint(path).model, hparams
+    meta = read_adapter_config(path)
+    if meta.get("peft_type") is not None:
+        raise ValueError(f"{str(path)!r} is a peft adapter folder; export from the checkpoint or a mole export")
+    config_file = path / TRAINING_CONFIG_NAME
+    hparams = json.loads(config_file.read_text()) if config_file.is_file() else None
+    if meta.get("base_model_name_or_path"):
+        return load_llava_hf(meta["base_model_name_or_path"], adapter=path), hparams
+    if hparams is None:
+        raise ValueError(f"{str(path)!r} names no base_model_name_or_path and holds no {TRAINING_CONFIG_NAME}")
+    module = MoLELightningModule.from_hparams(hparams)
+    module.configure_model()
+    return load_adapters(module.model, path), hparams
+
+
+def export_checkpoint(
+    checkpoint_path: str | os.PathLike, output_dir: str | os.PathLike, *, to: str = "mole", **options: Any
+) -> Path:
+    """Export a ``.ckpt`` file (or a ``mole`` export folder) to ``output_dir``, atomically.
 
     Args:
-        checkpoint_path: A ``.ckpt`` file written during training.
-        output_dir: Export directory (created).
+        checkpoint_path: A ``.ckpt`` file written during training, or a ``mole`` adapter export folder.
+        output_dir: Export directory (must be empty or absent unless ``overwrite=True``).
+        to: ``"mole"``, ``"peft"`` or ``"llava-hf"``.
+        **options: :func:`mole_lightning.models.export.export_model` options (``merge``, ``base``,
+            ``write_base``, ``overwrite``).
 
     Returns:
         The export directory.
     """
-    from mole_lightning.models import save_adapters
+    from mole_lightning.models.export import check_destination, export_model
 
-    module = module_from_checkpoint(checkpoint_path)
-    directory = save_adapters(module.model, output_dir)
-    hparams = read_checkpoint(checkpoint_path)["hyper_parameters"]
-    (Path(directory) / TRAINING_CONFIG_NAME).write_text(json.dumps(hparams, indent=2, default=str))
-    return Path(directory)
+    check_destination(output_dir, overwrite=options.get("overwrite", False))  # fail before loading anything
+    model, hparams = load_trained_model(checkpoint_path)
+    extra = {TRAINING_CONFIG_NAME: json.dumps(hparams, indent=2, default=str)} if to == "mole" and hparams else None
+    return export_model(model.eval(), output_dir, to=to, extra_files=extra, **options)

@@ -1,0 +1,425 @@
+"""Write a trained :class:`LlavaMoLE` in the formats other tools load: ``mole``, ``peft`` and merged ``llava-hf``.
+
+- ``mole`` (:func:`save_adapters`, any K): this package's adapter folder, loaded by
+  ``load_llava_hf(base, adapter=folder)`` or ``load_adapters(model, folder)``.
+- ``peft`` (K = 1): ``adapter_config.json`` + ``adapter_model.safetensors`` in peft's own layout for a llava-hf
+  base (``PeftModel.from_pretrained(LlavaForConditionalGeneration..., folder)``); the trained projector is a peft
+  ``modules_to_save`` entry.
+- ``llava-hf`` (:func:`save_llava_hf`): a ``LlavaForConditionalGeneration`` folder (config, safetensors, tokenizer,
+  ``LlavaProcessor`` files) that transformers, vLLM and SGLang load; plain LoRA (K = 1) is merged into the base
+  weights, ``W + (alpha / r) (A B)^T``. Routed experts (K > 1) cannot be merged: routing is per token.
+
+:func:`export_model` writes any of them atomically (temporary folder renamed into place) and never overwrites a
+non-empty folder unless asked.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mole_lightning.models.llava_mole import LlavaMoLE
+from mole_lightning.models.loading import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, save_adapters
+from mole_lightning.models.projector import MLPProjector, projector_name
+from mole_lightning.models.vision import HFVisionTower, _encoder_layers, _has_cls
+
+EXPORT_FORMATS = ("mole", "peft", "llava-hf")
+BASE_DIR_NAME = "base"
+"""Sub-folder of an export that holds the llava-hf base written with ``write_base=True``."""
+
+LLAVA_HF_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
+    "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\n' }}{% endfor %}"
+    "{# Render all text next #}{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}"
+    "{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+"""llava-hf/llava-1.5-7b-hf's processor chat template (``USER: <image>\\n{q} ASSISTANT:``), used when the model's
+tokenizer brings neither a processor template nor its own."""
+
+
+class ExportError(ValueError):
+    """The model cannot be written in the asked format; the message says why."""
+
+
+# ---------------------------------------------------------------------------------------------------------- LoRA
+def lora_modules(model: LlavaMoLE) -> dict[str, Any]:
+    """Plain-LoRA layers of the language model by module path (``model.layers.0.self_attn.q_proj``).
+
+    Raises:
+        ExportError: the model has routed experts (K > 1), which have no single LoRA per projection.
+    """
+    from mole_lightning.peft.layers import LoRALinear, MoLELinear
+
+    modules = dict(model.language_model.named_modules())
+    routed = [name for name, module in modules.items() if isinstance(module, MoLELinear)]
+    if routed:
+        k = model.mole_config.num_experts
+        raise ExportError(
+            f"the model is a MoLE with K={k} experts per MLP projection (e.g. {routed[0]}): routing is per token, so "
+            "the experts cannot be merged or written as one LoRA; export with --to mole"
+        )
+    return {name: module for name, module in modules.items() if isinstance(module, LoRALinear)}
+
+
+def merged_weight(layer: Any) -> torch.Tensor:
+    """``W + (alpha / r) (A B)^T`` of a ``LoRALinear`` (A ``(d_in, r)``, B ``(r, d_out)``), computed in float32 and
+    returned in the base weight's dtype, shape ``(d_out, d_in)``."""
+    delta = (layer.lora_A.detach().float() @ layer.lora_B.detach().float()).T * layer.scaling  # (d_out, d_in)
+    return (layer.weight.detach().float() + delta).to(layer.weight.dtype)
+
+
+# ------------------------------------------------------------------------------------------------------ llava-hf
+def _hf_tower(model: LlavaMoLE) -> HFVisionTower:
+    if not isinstance(model.vision_tower, HFVisionTower):
+        raise ExportError(
+            f"a {type(model.vision_tower).__name__} cannot be written as llava-hf (transformers' LlavaForConditional"
+            "Generation holds a transformers CLIP/SigLIP tower); build the model with vision='hf', or export with "
+            "--to mole"
+        )
+    return model.vision_tower
+
+
+def _check_projector(model: LlavaMoLE) -> MLPProjector:
+    if projector_name(model.projector) != "mlp2x_gelu":
+        raise ExportError(
+            f"llava-hf holds an mlp2x_gelu projector (linear_1, gelu, linear_2); this model has "
+            f"{projector_name(model.projector)!r}: export with --to mole"
+        )
+    return model.projector
+
+
+def llava_hf_config(model: LlavaMoLE) -> Any:
+    """The ``LlavaConfig`` of the model: vision config with the layers the tower kept, the LLM config, image token,
+    feature layer (counted from the end of the kept layers) and ``"default"`` (drop CLS) or ``"full"``."""
+    from transformers import LlavaConfig
+
+    tower = _hf_tower(model)
+    projector = _check_projector(model)
+    vision_config = copy.deepcopy(tower.model.config)
+    num_layers = len(_encoder_layers(tower.model))
+    vision_config.num_hidden_layers = num_layers  # layers after the feature layer may have been pruned
+    if hasattr(vision_config, "vision_use_head"):  # SigLIP: the pooling head is dropped with pruning
+        vision_config.vision_use_head = bool(getattr(tower.model, "use_head", False))
+    text_config = copy.deepcopy(model.language_model.config)
+    text_config.vocab_size = model.language_model.get_input_embeddings().weight.shape[0]
+    return LlavaConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_id=model.image_token_id,
+        image_seq_length=model.num_image_tokens,
+        vision_feature_layer=tower.hidden_index - (num_layers + 1),
+        vision_feature_select_strategy="default" if tower.num_prefix_tokens else "full",
+        projector_hidden_act="gelu",
+        multimodal_projector_bias=projector[0].bias is not None,
+        tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)),
+        dtype=model.language_model.get_input_embeddings().weight.dtype,
+    )
+
+
+def llava_hf_state_dict(model: LlavaMoLE, *, merge: bool) -> dict[str, torch.Tensor]:
+    """Tensors under ``LlavaForConditionalGeneration`` names (``model.vision_tower.*``,
+    ``model.multi_modal_projector.linear_{1,2}.*``, ``model.language_model.*``, ``lm_head.*``).
+
+    Args:
+        merge: fold plain LoRA into the base weights; ``False`` keeps only the base weights (adapters dropped).
+
+    Raises:
+        ExportError: routed experts (K > 1), an ``open_clip`` tower or a projector llava-hf cannot hold.
+    """
+    tower = _hf_tower(model)
+    _check_projector(model)
+    layers = lora_modules(model)
+    lm = model.language_model
+    prefix = lm.base_model_prefix  # "model" for Llama / Qwen2
+    adapter_names = {f"{name}.{p}" for name, layer in layers.items() for p in layer.adapter_parameter_names()}
+    state = {f"model.vision_tower.{k}": v for k, v in tower.model.state_dict().items()}
+    for index, hf_name in ((0, "linear_1"), (2, "linear_2")):
+        for key, value in model.projector[index].state_dict().items():
+            state[f"model.multi_modal_projector.{hf_name}.{key}"] = value
+    for key, value in lm.state_dict().items():
+        if key in adapter_names:
+            continue
+        if key.startswith(f"{prefix}."):
+            state[f"model.language_model.{key[len(prefix) + 1 :]}"] = value
+        else:  # lm_head
+            state[key] = value
+    if merge:
+        for name, layer in layers.items():
+            state[f"model.language_model.{name[len(prefix) + 1 :]}.weight"] = merged_weight(layer)
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+
+def chat_template(tokenizer: Any) -> str:
+    """The chat template to ship: the tokenizer's processor template, else its own, else llava-hf's."""
+    from mole_lightning.data.templates import processor_chat_template
+
+    try:
+        return processor_chat_template(tokenizer)
+    except ValueError:
+        return getattr(tokenizer, "chat_template", None) or LLAVA_HF_CHAT_TEMPLATE
+
+
+def llava_hf_processor(model: LlavaMoLE) -> Any:
+    """``LlavaProcessor``: the model's tokenizer, a ``CLIPImageProcessor`` with the tower's size, mean and std
+    (resize shortest edge, centre crop), the patch size, feature strategy, extra tokens (CLS) and chat template."""
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    tower = _hf_tower(model)
+    if model.tokenizer is None:
+        raise ExportError("the model has no tokenizer to write with the llava-hf processor")
+    size = tower.image_size
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        image_mean=list(tower.image_mean),
+        image_std=list(tower.image_std),
+    )
+    has_cls = _has_cls(tower.model)
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=model.tokenizer,
+        patch_size=int(tower.model.config.patch_size),
+        vision_feature_select_strategy="default" if tower.num_prefix_tokens else "full",
+        chat_template=chat_template(model.tokenizer),
+        image_token=model.tokenizer.convert_ids_to_tokens(model.image_token_id),
+        num_additional_image_tokens=1 if has_cls else 0,
+    )
+
+
+def save_llava_hf(model: LlavaMoLE, directory: str | os.PathLike, *, merge: bool) -> Path:
+    """Write a ``LlavaForConditionalGeneration`` folder: ``config.json``, ``generation_config.json``,
+    ``model.safetensors`` (sharded when large), tokenizer and processor files.
+
+    Args:
+        merge: fold plain LoRA into the weights (needed when the model has adapters; ``False`` writes the frozen
+            base with the trained projector and token rows, e.g. as the base of a peft or mole export).
+
+    Raises:
+        ExportError: K > 1 with ``merge``, an ``open_clip`` tower, a projector other than ``mlp2x_gelu``, or a
+            state dict that does not fill the llava-hf model exactly.
+    """
+    from transformers import LlavaForConditionalGeneration
+
+    config = llava_hf_config(model)
+    state = llava_hf_state_dict(model, merge=merge)
+    with torch.device("meta"):
+        hf = LlavaForConditionalGeneration(config)
+    expected = set(hf.state_dict())
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+        expected.discard("lm_head.weight")
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ExportError(f"llava-hf mapping incomplete: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    hf.load_state_dict(state, strict=not config.tie_word_embeddings, assign=True)
+    if config.tie_word_embeddings:
+        hf.tie_weights()
+    hf.generation_config = copy.deepcopy(model.language_model.generation_config)
+    directory = Path(directory)
+    hf.save_pretrained(directory)
+    llava_hf_processor(model).save_pretrained(directory)
+    return directory
+
+
+# ---------------------------------------------------------------------------------------------------------- peft
+def peft_state_dict(model: LlavaMoLE) -> dict[str, torch.Tensor]:
+    """peft's adapter keys for a llava-hf base: ``base_model.model.model.language_model.<path>.lora_A.weight``
+    ``(r, d_in)`` and ``lora_B.weight`` ``(d_out, r)`` (our A and B transposed), plus the projector as
+    ``base_model.model.model.multi_modal_projector.linear_{1,2}.*`` (``modules_to_save``)."""
+    _check_projector(model)
+    prefix = model.language_model.base_model_prefix
+    state: dict[str, torch.Tensor] = {}
+    for name, layer in lora_modules(model).items():
+        path = f"base_model.model.model.language_model.{name[len(prefix) + 1 :]}"
+        state[f"{path}.lora_A.weight"] = layer.lora_A.detach().T
+        state[f"{path}.lora_B.weight"] = layer.lora_B.detach().T
+    for index, hf_name in ((0, "linear_1"), (2, "linear_2")):
+        for key, value in model.projector[index].state_dict().items():
+            state[f"base_model.model.model.multi_modal_projector.{hf_name}.{key}"] = value
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+
+def peft_config(model: LlavaMoLE, base_model_name_or_path: str) -> dict[str, Any]:
+    """peft's ``adapter_config.json`` (``LoraConfig``) for the model's LoRA: r, alpha, dropout, and a regex of the
+    language-model projections as ``target_modules`` (the vision tower's ``q_proj`` stay untouched)."""
+    config = model.mole_config
+    names = sorted(set(config.attn_targets) | set(config.mlp_targets))
+    return {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": config.rank,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
+        "target_modules": rf"model\.language_model\..*\.({'|'.join(names)})",
+        "modules_to_save": ["multi_modal_projector"],
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "auto_mapping": {
+            "base_model_class": "LlavaForConditionalGeneration",
+            "parent_library": "transformers.models.llava.modeling_llava",
+        },
+    }
+
+
+def save_peft(
+    model: LlavaMoLE, directory: str | os.PathLike, base_model_name_or_path: str, *, token_rows_in_base: bool = False
+) -> Path:
+    """Write a peft LoRA folder (``adapter_config.json`` + ``adapter_model.safetensors``) for a llava-hf base.
+
+    Args:
+        token_rows_in_base: the base was written from this model, trained embedding rows included.
+
+    Raises:
+        ExportError: no LoRA (stage-1 model), K > 1, or trainable token rows (peft's base would lack them).
+    """
+    from safetensors.torch import save_file
+
+    if model.mole_config is None:
+        raise ExportError("the model has no LoRA adapters to write in peft format; export with --to llava-hf")
+    if model._token_row_start is not None and not token_rows_in_base:
+        raise ExportError(
+            "the model trains embedding rows of added tokens, which a peft LoRA folder does not hold: write the "
+            "base with them (--write-base) or export with --to mole"
+        )
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(peft_state_dict(model), str(directory / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+    config = peft_config(model, base_model_name_or_path)
+    (directory / ADAPTER_CONFIG_NAME).write_text(json.dumps(config, indent=2))
+    return directory
+
+
+# -------------------------------------------------------------------------------------------------------- export
+def write_atomically(directory: str | os.PathLike, write: Callable[[Path], None], *, overwrite: bool = False) -> Path:
+    """Run ``write(tmp)`` into a temporary folder beside ``directory``, then rename it into place.
+
+    A failed write leaves ``directory`` untouched. An existing non-empty ``directory`` is replaced only with
+    ``overwrite`` (the old folder is removed after the new one is in place).
+
+    Raises:
+        FileExistsError: ``directory`` is a file, or a non-empty folder without ``overwrite``.
+    """
+    directory = Path(directory).absolute()
+    check_destination(directory, overwrite=overwrite)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        write(tmp)
+        old = None
+        if directory.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
+            os.replace(directory, old / directory.name)
+        os.replace(tmp, directory)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def check_destination(directory: str | os.PathLike, *, overwrite: bool) -> None:
+    """Raise ``FileExistsError`` when ``directory`` is a file, or a non-empty folder and ``overwrite`` is off."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise FileExistsError(f"output {str(directory)!r} exists and is not a folder")
+    if directory.is_dir() and any(directory.iterdir()) and not overwrite:
+        raise FileExistsError(f"output folder {str(directory)!r} is not empty; pass --overwrite to replace it")
+
+
+def export_model(
+    model: LlavaMoLE,
+    directory: str | os.PathLike,
+    *,
+    to: str = "mole",
+    merge: bool = False,
+    base: str | None = None,
+    write_base: bool = False,
+    overwrite: bool = False,
+    extra_files: dict[str, str] | None = None,
+) -> Path:
+    """Write ``model`` to ``directory`` in format ``to`` (``"mole"``, ``"peft"`` or ``"llava-hf"``), atomically.
+
+    Args:
+        merge: ``llava-hf`` only: merge plain LoRA (K = 1) into the weights; required when the model has adapters.
+        base: the llava-hf folder (or hub id) the ``mole``/``peft`` export refers to as ``base_model_name_or_path``;
+            default: the folder the model was loaded from with ``load_llava_hf``, if any.
+        write_base: write the frozen base (with the trained projector and token rows) as llava-hf into
+            ``directory/base`` and refer to it (for models built from an LLM and a vision tower).
+        overwrite: replace a non-empty ``directory``.
+        extra_files: ``{file name: text}`` written beside the export (e.g. ``training_config.json``).
+
+    Raises:
+        ExportError: the model cannot be written in that format (K > 1 with merge, open_clip tower to llava-hf, no
+            base for peft, ...).
+    """
+    if to not in EXPORT_FORMATS:
+        raise ExportError(f"unknown export format {to!r}; expected one of {EXPORT_FORMATS}")
+    if merge and to != "llava-hf":
+        raise ExportError("--merge applies to --to llava-hf only")
+    if to == "llava-hf" and model.mole_config is not None and not merge:
+        raise ExportError("llava-hf has no place for adapters: pass --merge (K = 1), or export with --to peft / mole")
+    if to == "llava-hf" and write_base:
+        raise ExportError("--write-base applies to --to mole / peft")
+    if base is not None and write_base:
+        raise ExportError("pass either --base or --write-base, not both")
+    directory = Path(directory).absolute()
+    if write_base:
+        base = str(directory / BASE_DIR_NAME)
+    elif base is None:
+        base = getattr(model, "base_model_name_or_path", None)
+    if to == "peft" and base is None:
+        raise ExportError(
+            "a peft export needs a llava-hf base: pass --base DIR (the llava-hf folder the model was built on) or "
+            "--write-base"
+        )
+    if to == "peft" or (to == "llava-hf" and merge):
+        lora_modules(model)  # K > 1: refuse before writing anything
+
+    def write(tmp: Path) -> None:
+        if write_base:
+            save_llava_hf(model, tmp / BASE_DIR_NAME, merge=False)
+        if to == "llava-hf":
+            save_llava_hf(model, tmp, merge=merge)
+        elif to == "peft":
+            save_peft(model, tmp, base, token_rows_in_base=write_base)
+        else:
+            save_adapters(model, tmp, base_model_name_or_path=base)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+
+    return write_atomically(directory, write, overwrite=overwrite)
+
+
+def file_sizes(directory: str | os.PathLike) -> list[tuple[str, int]]:
+    """``(path relative to directory, bytes)`` of every file under ``directory``, sorted by path."""
+    directory = Path(directory)
+    return sorted((str(p.relative_to(directory)), p.stat().st_size) for p in directory.rglob("*") if p.is_file())
+
+
+def human_size(num_bytes: float) -> str:
+    """``1.5 KB``, ``13.5 GB``: bytes in powers of 1024."""
+    if num_bytes < 1024:
+        return f"{num_bytes:.0f} B"
+    for unit in ("KB", "MB", "GB", "TB"):
+        num_bytes /= 1024
+        if num_bytes < 1024 or unit == "TB":
+            break
+    return f"{num_bytes:.1f} {unit}"

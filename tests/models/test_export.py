@@ -1,0 +1,181 @@
+"""Exports of a trained model checked with the loaders of the tools that read them: transformers'
+``LlavaForConditionalGeneration`` / ``AutoProcessor`` for merged llava-hf folders, peft's ``PeftModel`` for peft
+folders, and ``load_llava_hf(base, adapter=...)`` for mole folders; logits compared in float32."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from mole_lightning.models import build_llava_mole, build_preset, load_llava_hf
+from mole_lightning.models.export import ExportError, export_model
+from mole_lightning.peft import MoLEConfig, iter_routers
+
+TOL = dict(atol=1e-4, rtol=0)
+LORA = dict(num_experts=1, rank=4, alpha=8.0)
+
+
+def randomize_adapters(model, seed: int = 0):
+    """Non-zero LoRA B (so merges change the weights), perturbed routers and projector; eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("lora_B") or ".router." in name or name.startswith("projector."):
+                param.add_(0.2 * torch.randn(param.shape, generator=g))
+    return model.eval()
+
+
+def processor_inputs(processor, seed: int = 0):
+    """``input_ids`` and ``pixel_values`` of one image question, made by the exported processor."""
+    g = torch.Generator().manual_seed(seed)
+    image = Image.fromarray((torch.rand(300, 400, 3, generator=g) * 255).to(torch.uint8).numpy())
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the picture?"}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    return processor(images=image, text=prompt, return_tensors="pt")
+
+
+@pytest.fixture(scope="module")
+def vicuna_clip_lora(real_folders):
+    """Plain LoRA (K = 1) on vicuna + CLIP-336 stand-ins, with random non-zero adapters."""
+    torch.manual_seed(0)
+    model = build_llava_mole(
+        llm_path=str(real_folders["vicuna"]),
+        vision_name_or_path=str(real_folders["clip"]),
+        projector_path=str(real_folders["mm_projector"]),
+        mole=MoLEConfig(**LORA),
+    )
+    return randomize_adapters(model)
+
+
+def check_llava_hf_folder(model, out):
+    """transformers loads ``out``; its processor, logits and greedy decoding equal ours."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    hf = LlavaForConditionalGeneration.from_pretrained(out, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(out)
+    tower = model.vision_tower
+    assert processor.image_processor.image_mean == pytest.approx(list(tower.image_mean))
+    assert processor.image_processor.image_std == pytest.approx(list(tower.image_std))
+    assert processor.image_processor.crop_size == {"height": tower.image_size, "width": tower.image_size}
+    inputs = processor_inputs(processor)
+    ids, pixels = inputs["input_ids"], inputs["pixel_values"]
+    assert int((ids == model.image_token_id).sum()) == model.num_image_tokens  # the processor expands <image> alike
+    with torch.no_grad():
+        ours = model(ids, inputs["attention_mask"], pixels).logits
+        theirs = hf(input_ids=ids, attention_mask=inputs["attention_mask"], pixel_values=pixels).logits
+    torch.testing.assert_close(theirs, ours, **TOL)
+    greedy = dict(max_new_tokens=6, do_sample=False, min_new_tokens=6)
+    ours_ids = model.generate(pixels, ids, inputs["attention_mask"], **greedy)
+    theirs_ids = hf.generate(**inputs, **greedy)
+    assert torch.equal(theirs_ids, ours_ids)
+    return hf
+
+
+def test_llava_hf_merged_from_vicuna_and_clip_matches_transformers(vicuna_clip_lora, tmp_path):
+    from transformers import LlavaConfig
+
+    out = export_model(vicuna_clip_lora, tmp_path / "hf", to="llava-hf", merge=True)
+    config = json.loads((out / "config.json").read_text())
+    # the tower was pruned after layer -2: the kept layers end at the feature layer
+    assert config["vision_feature_layer"] == -1 and config["vision_config"]["num_hidden_layers"] == 2
+    assert config["vision_feature_select_strategy"] == "default"
+    assert LlavaConfig.from_pretrained(out).image_token_id == vicuna_clip_lora.image_token_id
+    processor_config = json.loads((out / "processor_config.json").read_text())
+    assert processor_config["patch_size"] == 14 and processor_config["num_additional_image_tokens"] == 1
+    check_llava_hf_folder(vicuna_clip_lora, out)
+
+
+def test_llava_hf_merged_from_llava_hf_folder_matches_transformers(real_folders, tmp_path):
+    torch.manual_seed(1)
+    model = randomize_adapters(load_llava_hf(real_folders["llava_hf"], mole=MoLEConfig(**LORA)), seed=1)
+    out = export_model(model, tmp_path / "hf", to="llava-hf", merge=True)
+    hf = check_llava_hf_folder(model, out)
+    layer = model.language_model.model.layers[0].mlp.down_proj
+    expected = layer.weight + (layer.alpha / layer.rank) * (layer.lora_A @ layer.lora_B).T  # W + (alpha/r) (A B)^T
+    merged = hf.model.language_model.layers[0].mlp.down_proj.weight
+    torch.testing.assert_close(merged, expected.detach())
+    assert (merged - layer.weight).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("source", ["llava_hf", "vicuna_clip"])
+def test_peft_folder_matches_peft_model(source, real_folders, vicuna_clip_lora, tmp_path):
+    from transformers import LlavaForConditionalGeneration
+
+    from peft import PeftModel
+
+    if source == "llava_hf":  # base known: the folder the model was loaded from
+        model = randomize_adapters(load_llava_hf(real_folders["llava_hf"], mole=MoLEConfig(**LORA)), seed=2)
+        out = export_model(model, tmp_path / "peft", to="peft")
+    else:  # built from an LLM and a tower: the base is written beside the adapter
+        model = vicuna_clip_lora
+        out = export_model(model, tmp_path / "peft", to="peft", write_base=True)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8.0
+    weights = load_file(str(out / "adapter_model.safetensors"))
+    a = weights["base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight"]
+    assert a.shape == (4, 64)  # (r, in_features)
+    base = LlavaForConditionalGeneration.from_pretrained(config["base_model_name_or_path"], dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base, out).eval()
+    ids = torch.full((1, 600), 5)
+    ids[0, 3 : 3 + model.num_image_tokens] = model.image_token_id
+    ids[0, 3 + model.num_image_tokens :] = torch.arange(10, 10 + 600 - 3 - model.num_image_tokens)
+    pixels = torch.randn(1, 3, 336, 336, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = model(ids, pixel_values=pixels).logits
+        theirs = peft_model(input_ids=ids, pixel_values=pixels).logits
+        with peft_model.disable_adapter():  # the base alone: the adapters matter
+            plain = peft_model(input_ids=ids, pixel_values=pixels).logits
+    torch.testing.assert_close(theirs, ours, **TOL)
+    assert (ours - plain).abs().max() > 1e-2
+
+
+def test_mole_folder_reloads_on_its_llava_hf_base(real_folders, tmp_path):
+    torch.manual_seed(3)
+    mole = MoLEConfig(num_experts=3, rank=4, alpha=8.0)
+    model = randomize_adapters(load_llava_hf(real_folders["llava_hf"], mole=mole), seed=3)
+    out = export_model(model, tmp_path / "mole", to="mole")
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["format"] == "mole" and config["base_model_name_or_path"] == str(real_folders["llava_hf"])
+    assert config["mole"]["num_experts"] == 3
+    weights = load_file(str(out / "adapter_model.safetensors"))
+    assert weights["language_model.model.layers.0.mlp.gate_proj.lora_A"].shape == (3, 64, 4)  # (K, d_in, r)
+    assert weights["language_model.model.layers.0.mlp.router.weight"].shape == (3, 64)  # (K, d)
+    assert weights["projector.0.weight"].shape == (64, 32)
+
+    reloaded = load_llava_hf(config["base_model_name_or_path"], adapter=out).eval()
+    assert len(list(iter_routers(reloaded))) == 2
+    ids = torch.randint(3, 500, (2, 590), generator=torch.Generator().manual_seed(0))
+    ids[0, 2 : 2 + model.num_image_tokens] = model.image_token_id
+    pixels = torch.randn(1, 3, 336, 336, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids, pixel_values=pixels).logits, model(ids, pixel_values=pixels).logits)
+
+
+def test_refusals_name_the_problem(real_folders, tmp_path):
+    moe = load_llava_hf(real_folders["llava_hf"], mole=MoLEConfig(num_experts=3, rank=4, alpha=8.0))
+    for to, kwargs in (("llava-hf", {"merge": True}), ("peft", {})):
+        with pytest.raises(ExportError, match="K=3 experts"):
+            export_model(moe, tmp_path / to, to=to, **kwargs)
+    with pytest.raises(ExportError, match="pass --merge"):
+        export_model(moe, tmp_path / "x", to="llava-hf")
+    open_clip = build_preset("tiny", vision="open_clip", mole=MoLEConfig(**LORA))
+    with pytest.raises(ExportError, match="OpenCLIPVisionTower cannot be written as llava-hf"):
+        export_model(open_clip, tmp_path / "oc", to="llava-hf", merge=True)
+    assert not any(tmp_path.iterdir())  # nothing written, no temporary folder left
+
+
+def test_existing_folder_is_kept_unless_overwrite(real_folders, tmp_path):
+    model = load_llava_hf(real_folders["llava_hf"], mole=MoLEConfig(**LORA))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not empty"):
+        export_model(model, out, to="mole")
+    assert (out / "mine.txt").read_text() == "keep me"
+    export_model(model, out, to="mole", overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
