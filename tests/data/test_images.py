@@ -54,7 +54,7 @@ def test_pad_centres_a_wide_image_on_the_mean_colour():
     red = Image.new("RGB", (40, 20), (255, 0, 0))  # → 8×4 inside an 8×8 square: rows 0-1 and 6-7 are padding
     pixels = ImageProcessor(8, aspect="pad")(red)
     assert pixels.shape == (3, 8, 8) and pixels.dtype == torch.float32
-    fill = tuple(int(round(m * 255)) for m in OPENAI_CLIP_MEAN)
+    fill = tuple(int(m * 255) for m in OPENAI_CLIP_MEAN)  # LLaVA: expand2square(img, tuple(int(x * 255) ...))
     for row in (0, 1, 6, 7):
         assert torch.allclose(pixels[:, row, 3], normalized(fill), atol=1e-5)
     for row in (2, 5):

@@ -3,7 +3,7 @@
 ``aspect`` decides how a non-square image becomes the tower's square input:
 
 * ``pad`` -- LLaVA-1.5's ``expand2square``: the image is centred on a square filled with the mean colour
-  (``image_mean`` × 255). Implemented as resize-then-pad, which equals pad-then-resize up to resampling at the
+  (``int(image_mean × 255)``, truncated as LLaVA does). Implemented as resize-then-pad, which equals pad-then-resize up to resampling at the
   border and is much cheaper for large images.
 * ``resize`` -- squash to ``image_size`` × ``image_size`` (aspect ratio not kept).
 * ``crop`` -- CLIP's default: shortest side to ``image_size``, then centre crop.
@@ -83,7 +83,7 @@ class ImageProcessor:
         self.aspect = aspect
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
-        self.fill = tuple(int(round(m * 255)) for m in self.mean)
+        self.fill = tuple(int(m * 255) for m in self.mean)  # truncated, as LLaVA's expand2square
         self._scale = torch.tensor([1.0 / (255.0 * s) for s in self.std]).view(3, 1, 1)
         self._negative_shift = torch.tensor([-m / s for m, s in zip(self.mean, self.std)]).view(3, 1, 1)
 

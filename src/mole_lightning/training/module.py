@@ -68,7 +68,7 @@ class MoLELightningModule(pl.LightningModule):
             ``log_every_n_steps``).
         max_nonfinite_in_a_row: Consecutive non-finite losses tolerated (each one skips its step) before the run
             stops with an error.
-        max_new_tokens: Tokens generated per prompt in :meth:`predict_step`.
+        max_new_tokens: Tokens generated per prompt in :meth:`predict_step` (128, LLaVA's eval default).
         adapter_path: Directory of an adapter export (``tools/export_adapter.py``: ``adapter_model.safetensors`` +
             ``adapter_config.json``) loaded onto the built model, e.g. to ``validate``/``test``/``predict`` an
             export, or to start training from one. Its MoLE config must match ``mole``.
@@ -87,7 +87,7 @@ class MoLELightningModule(pl.LightningModule):
         model_seed: int = 0,
         routing_log_every_n_steps: int | None = None,
         max_nonfinite_in_a_row: int = 5,
-        max_new_tokens: int = 32,
+        max_new_tokens: int = 128,
         adapter_path: str | None = None,
     ) -> None:
         super().__init__()
