@@ -13,42 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from mole_lightning import chat
 from mole_lightning.data import MixedInstructionDataModule, make_demo_data
 from mole_lightning.data.pipeline import SkipCounter, read_shard
 from mole_lightning.inference import load_from_config
-from mole_lightning.peft import MoLEConfig, iter_routers
-from mole_lightning.training import ModelSpec, MoLELightningModule
-
-MOLE = dict(num_experts=3, rank=4, alpha=8.0, dropout=0.0)
-MAX_NEW_TOKENS = 10
-
-
-def write_recipe(path: Path, demo, num_experts: int = 3) -> Path:
-    """A mole-train recipe over the demo data: tiny preset, MoLE with ``num_experts``."""
-    recipe = {
-        "model": {
-            "architecture": {"preset": "tiny"},
-            "mole": {**MOLE, "num_experts": num_experts},
-            "model_seed": 0,
-            "max_new_tokens": MAX_NEW_TOKENS,
-        },
-        "data": {
-            "sources": {name: {"urls": spec, "weight": 1.0} for name, spec in demo.train.items()},
-            "val_sources": {name: {"urls": spec} for name, spec in demo.val.items()},
-            "tokenizer": demo.tokenizer,
-            "template": "vicuna_v1",
-            "max_length": 160,
-            "num_workers": 0,
-            "batch_size": 2,
-            "val_batch_size": 1,
-        },
-        "trainer": {"accelerator": "cpu", "precision": "32-true"},
-    }
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+from mole_lightning.peft import iter_routers
+from tests.inference_helpers import MAX_NEW_TOKENS, MOLE, write_checkpoint, write_recipe
 
 
 @pytest.fixture(scope="module")
@@ -59,23 +30,8 @@ def setup(tmp_path_factory):
     demo = make_demo_data(str(root / "demo"), train=12, val=6, seed=0, maxcount=100)
     recipe = write_recipe(root / "recipe.yaml", demo)
     torch.set_num_threads(1)
-    module = MoLELightningModule(
-        architecture=ModelSpec(preset="tiny"),
-        mole=MoLEConfig(**MOLE),
-        tokenizer=demo.tokenizer,
-        model_seed=0,
-        max_new_tokens=MAX_NEW_TOKENS,
-    )
-    module.configure_model()
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # "trained" tensors: LoRA B is zero at init, routers near uniform
-        for name, param in module.named_parameters():
-            if param.requires_grad:
-                param.add_(torch.randn(param.shape, generator=generator) * (0.5 if "router" in name else 0.2))
-    state = {name: p.detach().clone() for name, p in module.named_parameters() if p.requires_grad}
     checkpoint = root / "last.ckpt"
-    torch.save({"state_dict": state, "hyper_parameters": dict(module.hparams)}, checkpoint)
-    module.eval()
+    module = write_checkpoint(checkpoint, demo.tokenizer)
 
     geometry = module.vision_geometry
     data = MixedInstructionDataModule(

@@ -205,6 +205,55 @@ class Assistant:
         with torch.inference_mode(), self.precision.forward_context():
             return generate_answers(self.model, batch, self.tokenizer, max_new_tokens, **generation_kwargs)
 
+    def loglikelihood(self, samples: Sequence[tuple[list[dict[str, str]], bytes | None]]) -> list[tuple[float, bool]]:
+        """Log-probability of each conversation's last reply and whether greedy decoding would produce it.
+
+        The conversations end with the assistant reply to score; the tokens scored are those training learns for
+        that reply (the reply and its end-of-turn token), encoded by the data pipeline's training encoder.
+
+        Returns:
+            ``(sum of token log-probabilities, every token is the argmax)`` per sample.
+
+        Raises:
+            InferenceError: an image cannot be decoded or a conversation exceeds the data's ``max_length``.
+        """
+        import copy
+
+        from mole_lightning.constants import IGNORE_INDEX
+        from mole_lightning.data.pipeline import make_collator
+
+        encoder = copy.copy(self.encoder)
+        encoder.mode = "train"
+        encoded = []
+        for index, (conversation, image) in enumerate(samples):
+            raw: dict[str, Any] = {"__key__": str(index), "json": {"conversations": conversation}}
+            if image is not None:
+                raw["image"] = image
+            try:
+                example = encoder(raw, source="score")
+            except BadSampleError as error:
+                raise InferenceError(describe_bad_sample(error, encoder.max_length)) from None
+            # only the last reply is scored
+            labels = example["labels"]
+            learned = (labels != IGNORE_INDEX).nonzero().flatten().tolist()
+            starts = [p for i, p in enumerate(learned) if i == 0 or learned[i - 1] != p - 1]
+            labels[: starts[-1]] = IGNORE_INDEX
+            encoded.append(example)
+        batch = move_batch(make_collator(self.pad_token_id)(encoded), self.device)
+        with torch.inference_mode(), self.precision.forward_context():
+            logits = self.model(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                pixel_values=batch["pixel_values"],
+                has_image=batch["has_image"],
+            ).logits
+        targets = batch["labels"][:, 1:]  # (B, T-1)
+        log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
+        scored = targets != IGNORE_INDEX
+        token_log_probs = log_probs.gather(-1, targets.clamp_min(0)[..., None]).squeeze(-1) * scored
+        greedy = (log_probs.argmax(-1) == targets) | ~scored
+        return [(float(lp), bool(g)) for lp, g in zip(token_log_probs.sum(-1).tolist(), greedy.all(-1).tolist())]
+
 
 def describe_bad_sample(error: BadSampleError, max_length: int | None) -> str:
     """One line for a prompt the encoder refused."""
