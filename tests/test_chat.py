@@ -240,3 +240,29 @@ def test_llava_hf_folder_matches_transformers(real_folders, tmp_path, capsys):
     args = ["--llava-hf", str(folder), "--image", str(image_path), "--question", question, "--max-new-tokens", "6"]
     assert chat.main(args + ["--device", "cpu"]) == 0
     assert capsys.readouterr().out.strip() == expected
+
+
+def test_loglikelihood_equals_training_loss(setup):
+    """``Assistant.loglikelihood`` (lmms-eval's loglikelihood) is minus the training loss summed over the reply."""
+    from mole_lightning.data.templates import encode_conversation
+
+    module = setup["module"]
+    sample = setup["samples"][1]
+    reply = "a red circle"
+    assistant = load_from_config(setup["recipe"], checkpoint=setup["checkpoint"], device="cpu")
+    conversation = [{"from": "human", "value": sample["question"]}, {"from": "gpt", "value": reply}]
+    [(log_prob, _)] = assistant.loglikelihood([(conversation, sample["image"].read_bytes())])
+
+    conversation[0]["value"] = "<image>\n" + sample["question"]
+    encoded = encode_conversation(
+        conversation, module.model.tokenizer, "vicuna_v1", num_image_tokens=module.num_image_tokens
+    )
+    with torch.no_grad():
+        out = module.model(
+            input_ids=encoded["input_ids"][None],
+            pixel_values=sample["batch"]["pixel_values"],
+            labels=encoded["labels"][None],
+        )
+    targets = int((encoded["labels"][1:] != -100).sum())
+    assert targets >= 2
+    assert log_prob == pytest.approx(-float(out.loss) * targets, rel=1e-4)

@@ -201,7 +201,7 @@ def answer(
     with trace_routing(assistant.model) if show else nullcontext() as trace:
         layer = router_index(args.show_routing, trace) if show else -1
         printer = AnswerPrinter(assistant.tokenizer, console, trace, layer)
-        text = assistant.generate(batch, args.max_new_tokens, streamer=printer, **sampling_options(args))
+        [text] = assistant.generate(batch, args.max_new_tokens, streamer=printer, **sampling_options(args))
     console.print()
     if show:
         console.print(routing_line(trace, layer, printer.ids, assistant.tokenizer))
