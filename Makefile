@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint demo clean
+.PHONY: install test test-lmms lint demo clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,6 +16,19 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# lmms-eval has a heavy dependency tree: it gets its own environment.
+LMMS_VENV := .venv-lmms
+LMMS_STAMP := $(LMMS_VENV)/.installed
+
+$(LMMS_STAMP): pyproject.toml constraints.txt
+	test -x $(LMMS_VENV)/bin/python || $(PYTHON) -m venv $(LMMS_VENV)
+	$(LMMS_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LMMS_VENV)/bin/python -m pip install --quiet -c constraints.txt -e ".[lmms,dev]"
+	touch $(LMMS_STAMP)
+
+test-lmms: $(LMMS_STAMP)
+	$(LMMS_VENV)/bin/python -m pytest -q tests/eval/test_lmms_eval.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests tools
@@ -38,4 +51,4 @@ demo: $(STAMP)
 	@cat runs/demo/gen_eval.txt
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(LMMS_VENV) build *.egg-info
