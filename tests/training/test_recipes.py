@@ -1,0 +1,147 @@
+"""The 7B recipes as a user runs them: the installed ``mole-train`` script on hub-format folders (vicuna-style
+``tokenizer.model`` without ``<image>``, CLIP ViT-L/14-336 geometry, a stage-1 ``mm_projector.bin``), FSDP2 on 2 CPU
+processes with the recipe's own strategy and ``bf16-true`` precision: fit → validate → test → predict → export,
+each exiting 0, and failures exiting non-zero with a one-line error naming the problem.
+
+Only paths, devices and the run length change (a few steps, small batches); every other value is the recipe's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mole_lightning.data import make_demo_data
+
+ROOT = Path(__file__).parents[2]
+CONFIGS = ROOT / "configs"
+MOLE_TRAIN = Path(sys.executable).parent / "mole-train"
+
+
+def run(args: list[str], cwd: Path, timeout: int = 400) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def recipe_args(recipe: str, folders: dict, shards, workdir: Path) -> list[str]:
+    """Paths and run length only; the recipe's model, MoLE, optimizer, strategy and precision stay."""
+    sources = {name: {"urls": spec, "weight": 1.0} for name, spec in shards.train.items()}
+    val_sources = {name: {"urls": spec} for name, spec in shards.val.items()}
+    return [
+        "--config", str(CONFIGS / recipe),
+        "--trainer", str(CONFIGS / "trainer" / "fsdp2_cpu.yaml"),
+        "--model.architecture.llm_path", str(folders["vicuna"]),
+        "--model.architecture.vision_name_or_path", str(folders["clip"]),
+        "--model.architecture.projector_path", str(folders["mm_projector"]),
+        "--data.tokenizer", str(folders["vicuna"]),
+        "--data.sources", json.dumps(sources),
+        "--data.val_sources", json.dumps(val_sources),
+        "--data.batch_size", "2",
+        "--data.val_batch_size", "2",
+        "--data.num_workers", "0",
+        "--data.shuffle_buffer", "8",
+        "--trainer.max_steps", "2",
+        "--trainer.val_check_interval", "2",
+        "--trainer.limit_val_batches", "1",
+        "--trainer.limit_test_batches", "1",
+        "--trainer.limit_predict_batches", "1",
+        "--checkpoint.dirpath", str(workdir / "ckpt"),
+        "--checkpoint.every_n_train_steps", "2",
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """Small LLaVA-format shards of the three demo domains (images are resized/padded to 336 px)."""
+    return make_demo_data(str(tmp_path_factory.mktemp("shards")), train=24, val=4, seed=0, maxcount=24)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["llava_mole_7b.yaml", "llava_lora_7b.yaml"])
+def test_recipe_runs_fit_validate_test_predict_export_on_hub_format_folders(recipe, real_folders, shards, tmp_path):
+    assert MOLE_TRAIN.exists(), "the mole-train console script is not installed next to the interpreter"
+    args = recipe_args(recipe, real_folders, shards, tmp_path)
+    fit = run([str(MOLE_TRAIN), "fit", *args], tmp_path)
+    assert fit.returncode == 0, fit.stdout[-3000:] + fit.stderr[-5000:]
+    assert "MoLECLI object" not in fit.stdout
+    checkpoint = tmp_path / "ckpt" / "last.ckpt"
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    assert state["global_step"] == 2 and state["optimizer_states"]
+    trained = state["state_dict"]
+    assert any(".experts" in k or ".lora_A" in k for k in trained) and any("projector" in k for k in trained)
+    assert {v.dtype for v in trained.values()} == {torch.float32}  # fp32 master weights under bf16-true
+    routers = [k for k in trained if "router" in k]
+    assert bool(routers) == (recipe == "llava_mole_7b.yaml")
+
+    subcommands = {"validate": "val/loss", "test": "test/loss", "predict": None}
+    if recipe == "llava_lora_7b.yaml":  # the same code path as the MoLE recipe: only predict, to keep the suite short
+        subcommands = {"predict": None}
+    for subcommand, metric in subcommands.items():
+        result = run([str(MOLE_TRAIN), subcommand, *args, "--ckpt_path", str(checkpoint)], tmp_path)
+        assert result.returncode == 0, subcommand + result.stdout[-3000:] + result.stderr[-5000:]
+        if metric is not None:
+            assert metric in result.stdout, result.stdout[-3000:]
+    predictions = sorted(tmp_path.glob("runs/*/predictions/predictions.jsonl"))
+    assert predictions and all(json.loads(line)["prediction"] is not None for line in predictions[0].open())
+
+    out = tmp_path / "export"
+    export = run([sys.executable, str(ROOT / "tools" / "export_adapter.py"), str(checkpoint), "--out", str(out)], ROOT)
+    assert export.returncode == 0, export.stderr[-3000:]
+    assert (out / "adapter_model.safetensors").exists() and str(out) in export.stdout
+
+
+@pytest.mark.slow
+def test_recipe_failures_exit_nonzero_with_a_one_line_error(real_folders, shards, tmp_path):
+    args = recipe_args("llava_mole_7b.yaml", real_folders, shards, tmp_path)
+    missing = str(tmp_path / "no-such-vicuna")
+    result = run([str(MOLE_TRAIN), "fit", *args, "--data.tokenizer", missing], tmp_path)
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert missing in last and "does not exist" in last
+
+
+@pytest.mark.slow
+def test_qwen2_siglip_recipe_trains_on_its_stand_ins_with_the_chat_template_labels(
+    real_folders, shards, tmp_path, monkeypatch
+):
+    from mole_lightning.cli import cli_main
+    from mole_lightning.constants import IGNORE_INDEX
+
+    monkeypatch.chdir(tmp_path)
+    sources = {name: {"urls": spec, "weight": 1.0} for name, spec in shards.train.items()}
+    args = [
+        "--config", str(CONFIGS / "qwen2_siglip_mole.yaml"),
+        "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.strategy", "auto",
+        "--trainer.logger", "false", "--trainer.callbacks", "[]",
+        "--model.architecture.llm_path", str(real_folders["qwen2"]),
+        "--model.architecture.vision_name_or_path", str(real_folders["siglip"]),
+        "--data.tokenizer", str(real_folders["qwen2"]),
+        "--data.sources", json.dumps(sources), "--data.val_sources", "null",
+        "--data.batch_size", "2", "--data.num_workers", "0", "--data.shuffle_buffer", "8",
+        "--trainer.max_steps", "2", "--checkpoint.dirpath", str(tmp_path / "ckpt"),
+    ]  # fmt: skip
+    cli = cli_main(["fit", *args])
+    assert cli.trainer.global_step == 2
+    data, tokenizer = cli.datamodule, cli.model.tokenizer
+    assert data.num_image_tokens == (384 // 14) ** 2 and data.image_mean == (0.5, 0.5, 0.5)  # SigLIP geometry
+    batch = next(iter(data.train_dataloader()))
+    im_start, assistant = tokenizer.convert_tokens_to_ids("<|im_start|>"), tokenizer.encode("assistant\n")
+    for ids, labels in zip(batch["input_ids"].tolist(), batch["labels"].tolist()):
+        runs, start = [], None
+        for position, label in enumerate([*labels, IGNORE_INDEX]):
+            if label != IGNORE_INDEX and start is None:
+                start = position
+            elif label == IGNORE_INDEX and start is not None:
+                runs.append((start, position))
+                start = None
+        assert runs
+        for begin, end in runs:  # each learned span: right after "<|im_start|>assistant\n", ends with <|im_end|>
+            assert ids[begin - 1 - len(assistant)] == im_start and ids[begin - len(assistant) : begin] == assistant
+            assert tokenizer.decode(ids[begin:end]).endswith("<|im_end|>")
