@@ -11,7 +11,9 @@ The model (:class:`~mole_lightning.training.MoLELightningModule`) and the data
 (:class:`~mole_lightning.data.MixedInstructionDataModule`) are linked: the tokenizer is set once under
 ``data.tokenizer``; the number of image tokens, image size and normalisation come from the model's vision tower.
 Always present callbacks, configurable under their own keys: ``checkpoint`` (``ModelCheckpoint``),
-``routing_heatmap`` and ``resumable_data``; more go in ``trainer.callbacks``. Checkpoints are written atomically.
+``routing_heatmap`` (routing scalars and heatmaps), ``resumable_data``, ``throughput`` (tokens/s, FLOPs/s, MFU),
+``lr_monitor`` (``LearningRateMonitor``) and ``skipped_samples``; more go in ``trainer.callbacks``.
+Checkpoints are written atomically.
 """
 
 from __future__ import annotations
@@ -22,8 +24,15 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningCLI
 
 from mole_lightning.data import MixedInstructionDataModule
-from mole_lightning.training.callbacks import AtomicCheckpointIO, ResumableTrainLoader, RoutingHeatmapCallback
+from mole_lightning.training.callbacks import (
+    AtomicCheckpointIO,
+    LearningRateLogger,
+    ResumableTrainLoader,
+    RoutingHeatmapCallback,
+    SkippedSamplesLogger,
+)
 from mole_lightning.training.module import MoLELightningModule
+from mole_lightning.training.throughput import TokenThroughputMonitor
 
 
 def _device_count(devices: Any, accelerator: Any) -> int:
@@ -51,6 +60,9 @@ class MoLECLI(LightningCLI):
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.add_lightning_class_args(RoutingHeatmapCallback, "routing_heatmap")
         parser.add_lightning_class_args(ResumableTrainLoader, "resumable_data")
+        parser.add_lightning_class_args(TokenThroughputMonitor, "throughput")
+        parser.add_lightning_class_args(LearningRateLogger, "lr_monitor")
+        parser.add_lightning_class_args(SkippedSamplesLogger, "skipped_samples")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0})
         parser.link_arguments("data.tokenizer", "model.tokenizer")
         for name in ("num_image_tokens", "image_size", "image_mean", "image_std"):

@@ -90,8 +90,8 @@ def load_checkpoint_tensors(module: Any, path: str | os.PathLike) -> None:
         InferenceError: the file is missing, or its tensors do not fit the model (missing, extra or mis-shaped
             trainable tensors, e.g. another ``num_experts``).
     """
+    from mole_lightning.models import clean_parameter_name
     from mole_lightning.training.export import read_checkpoint
-    from mole_lightning.training.module import clean_parameter_name
 
     path = Path(path)
     if not path.is_file():
@@ -301,7 +301,7 @@ def load_from_config(
         raise InferenceError("give exactly one of a checkpoint or an adapter export with the config")
     recipe = read_recipe(config)
     module, datamodule = instantiate_recipe(recipe)
-    module.adapter_path = None  # an export is loaded below, by load_adapter_export
+    module.hparams.adapter_path = None  # an export is loaded below, by load_adapter_export
     module.configure_model()
     if checkpoint is not None:
         load_checkpoint_tensors(module, checkpoint)

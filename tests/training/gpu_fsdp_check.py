@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "src"))
 
+from mole_lightning.models import trainable_names  # noqa: E402
 from mole_lightning.peft import MoLEConfig  # noqa: E402
 from mole_lightning.training import AtomicCheckpointIO, ModelSpec, MoLELightningModule  # noqa: E402
 from mole_lightning.training.strategies import MoLEFSDPStrategy, MoLEModelParallelStrategy  # noqa: E402
@@ -114,7 +115,7 @@ def run(strategy_name: str, data: list[dict], workdir: str, accelerator: str) ->
     )
     trainer.fit(module, train_dataloaders=DataLoader(data, batch_size=None))
     checkpoint = torch.load(os.path.join(workdir, strategy_name, "last.ckpt"), map_location="cpu", weights_only=True)
-    trainable = set(module.trainable_parameter_names())
+    trainable = set(trainable_names(module))
     return {
         "strategy": strategy_name,
         "precision": precision,

@@ -75,7 +75,7 @@ def test_demo_config_instantiates_with_linked_geometry_forced_and_extra_callback
         run=False,
     )
     assert cli.datamodule.num_image_tokens == cli.model.num_image_tokens == 16
-    assert cli.datamodule.image_size == 32 and cli.model.tokenizer_path == demo.tokenizer
+    assert cli.datamodule.image_size == 32 and cli.model.hparams.tokenizer == demo.tokenizer
     assert tuple(cli.datamodule.image_mean) == tuple(cli.model.image_mean)
     kinds = {type(c).__name__ for c in cli.trainer.callbacks}
     assert {"ModelCheckpoint", "LearningRateMonitor"} <= kinds

@@ -15,8 +15,16 @@ from torch.utils.data import DataLoader
 
 from mole_lightning.constants import IGNORE_INDEX
 from mole_lightning.models import load_adapters
-from mole_lightning.training import AtomicCheckpointIO, RoutingHeatmapCallback, WarmupCosineLR
+from mole_lightning.training import (
+    AtomicCheckpointIO,
+    LearningRateLogger,
+    RoutingHeatmapCallback,
+    SkippedSamplesLogger,
+    TokenThroughputMonitor,
+    WarmupCosineLR,
+)
 from mole_lightning.training.export import export_checkpoint, module_from_checkpoint
+from mole_lightning.training.throughput import parameter_counts, training_flops
 from tests.training.conftest import make_datamodule, make_module
 
 
@@ -151,7 +159,7 @@ def test_nonfinite_loss_skips_the_step_counts_it_and_stops_after_too_many(demo_d
     module = poisoned_module({2})
     run = trainer(tmp_path, max_epochs=1, callbacks=[Snapshot()])
     run.fit(module, train_dataloaders=loader(train_batches))
-    assert module.nonfinite_total == 1 and module.nonfinite_in_a_row == 0
+    assert module.nonfinite.total == 1 and module.nonfinite.in_a_row == 0
     assert all(torch.equal(snapshots[0][n], snapshots[1][n]) for n in snapshots[0])  # batch 2 changed nothing
     assert any(not torch.equal(snapshots[1][n], snapshots[2][n]) for n in snapshots[0])  # training went on
     assert run.global_step == 4  # the skipped batch still counts as a (no-op) optimizer step
@@ -165,14 +173,21 @@ def test_nonfinite_loss_skips_the_step_counts_it_and_stops_after_too_many(demo_d
 def test_logs_losses_throughput_lr_and_routing_per_layer_and_source(demo_data, train_batches, tmp_path):
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    module = make_module(demo_data, optimizer=sgd(0.01), routing_log_every_n_steps=1)
+    module = make_module(demo_data, optimizer=sgd(0.01))
     logger = TensorBoardLogger(str(tmp_path), name="tb")
-    run = trainer(tmp_path, max_steps=4, logger=logger, log_every_n_steps=1, callbacks=[RoutingHeatmapCallback(2)])
+    callbacks = [RoutingHeatmapCallback(2, log_every_n_steps=1), TokenThroughputMonitor(window_size=2)]
+    callbacks += [LearningRateLogger(), SkippedSamplesLogger()]
+    run = trainer(tmp_path, max_steps=4, logger=logger, log_every_n_steps=1, callbacks=callbacks)
     run.fit(module, train_dataloaders=loader(train_batches))
     metrics = run.logged_metrics
-    for key in ("train/loss", "train/aux_loss", "train/balance_loss", "train/z_loss", "train/tokens_per_s"):
+    for key in ("train/loss", "train/aux_loss", "train/balance_loss", "train/z_loss", "train/device/items_per_sec"):
         assert key in metrics and math.isfinite(float(metrics[key])), key
-    assert "lr/adapters" in metrics and float(metrics["lr/adapters"]) == pytest.approx(0.01)
+    # tokens/s counts the non-padding tokens: over a window of 2 batches, the last batch's tokens per sample
+    last = train_batches[3]
+    ratio = float(metrics["train/device/items_per_sec"]) / float(metrics["train/device/samples_per_sec"])
+    assert ratio == pytest.approx(int(last["attention_mask"].sum()) / last["input_ids"].shape[0], rel=1e-3)
+    assert float(metrics["train/device/flops_per_sec"]) > 0
+    assert float(run.callback_metrics["lr-SGD/adapters"]) == pytest.approx(0.01)
     layers = module.model.decoder_layers()
     for layer in range(len(layers)):
         shares = [float(metrics[f"routing/layer{layer:02d}/expert{k}"]) for k in range(3)]
@@ -185,13 +200,28 @@ def test_logs_losses_throughput_lr_and_routing_per_layer_and_source(demo_data, t
     router = next(m for m in module.model.modules() if type(m).__name__ == "MoLERouter")
     record = router.record
     counts = torch.bincount(record.expert[record.valid], minlength=3).float()
-    torch.testing.assert_close(module.last_expert_load[0], counts / counts.sum())
+    logged = torch.tensor([float(metrics[f"routing/layer00/expert{k}"]) for k in range(3)])
+    torch.testing.assert_close(logged, counts / counts.sum())
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(logger.log_dir, size_guidance={"images": 0})
     events.Reload()
     assert "routing/layer_expert_load" in events.Tags()["images"]
+
+
+def test_parameter_counts_of_the_flops_formula_by_hand(demo_data):
+    module = make_module(demo_data)  # tiny preset: hidden 64, MLP 128, 2 layers, 4 heads (kv 2); MoLE K=3, r=4
+    module.configure_model()
+    counts = parameter_counts(module.model)
+    d, ff, kv, r, layers, vocab = 64, 128, 32, 4, 2, len(module.tokenizer)
+    attention = r * (d + d) + r * (d + kv) * 2 + r * (d + d)  # q, k, v, o LoRA: A (d_in, r) + B (r, d_out)
+    experts = r * (d + ff) * 2 + r * (ff + d)  # one expert of gate, up, down
+    router = 3 * d + 3
+    assert counts.adapter == layers * (attention + experts + router)
+    frozen = layers * (4 * d * d // 2 + 2 * d * kv + 3 * d * ff + 2 * d) + d + vocab * d  # + final norm + head
+    assert counts.llm == frozen + layers * 0
+    assert training_flops(counts, tokens=10, images=0, image_tokens=16) == (4 * frozen + 6 * counts.adapter) * 10
 
 
 def test_validation_loss_per_source_is_token_weighted_over_the_whole_source(demo_data, tmp_path):
@@ -329,7 +359,9 @@ def test_test_loop_reports_the_same_per_source_losses_as_validation(demo_data, t
     tested = {k: v for r in run.test(module, dataloaders=loaders, verbose=False) for k, v in r.items()}
     for name in datamodule.val_source_names:
         assert tested[f"test/{name}/loss"] == pytest.approx(validated[f"val/{name}/loss"], rel=1e-6)
-    assert module.test_losses.keys() == module.val_losses.keys()
+    assert {k for k in tested if k.endswith("/loss")} == {
+        k.replace("val/", "test/") for k in validated if k.endswith("/loss")
+    }
 
 
 def test_load_from_checkpoint_rebuilds_the_module_with_its_trained_tensors(demo_data, train_batches, tmp_path):

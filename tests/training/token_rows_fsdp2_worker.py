@@ -41,7 +41,7 @@ def main() -> None:
     model = build_llava_mole(
         llm_path=args.llm, vision_config=clip_config_kwargs(), mole=mole, train_new_token_rows=True
     ).train()
-    start = model._token_row_start
+    start = model.token_row_start
     fully_shard_llava_mole(model, init_device_mesh("cpu", (dist.get_world_size(),)))
     head = model.language_model.get_output_embeddings().weight
     before = full(head).detach().clone()

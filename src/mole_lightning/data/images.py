@@ -3,8 +3,8 @@
 ``aspect`` decides how a non-square image becomes the tower's square input:
 
 * ``pad`` -- LLaVA-1.5's ``expand2square``: the image is centred on a square filled with the mean colour
-  (``int(image_mean × 255)``, truncated as LLaVA does). Implemented as resize-then-pad, which equals pad-then-resize up to resampling at the
-  border and is much cheaper for large images.
+  (``int(image_mean × 255)``, truncated as LLaVA does). Implemented as resize-then-pad, which equals
+  pad-then-resize up to resampling at the border and is much cheaper for large images.
 * ``resize`` -- squash to ``image_size`` × ``image_size`` (aspect ratio not kept).
 * ``crop`` -- CLIP's default: shortest side to ``image_size``, then centre crop.
 

@@ -99,6 +99,20 @@ def generate_answers(
     return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
+def prediction_records(batch: dict[str, Any], predictions: list[str]) -> list[dict[str, Any]]:
+    """One ``{"id", "source", "question", "answer", "answers", "prediction"}`` dict per sample of a generation
+    batch (``answer``: the first reference answer, ``""`` without references)."""
+    size = len(predictions)
+    answers = batch.get("answers") or [[] for _ in range(size)]
+    ids, sources = batch.get("id") or [str(i) for i in range(size)], batch.get("source") or [""] * size
+    questions = batch.get("question") or [""] * size
+    return [
+        {"id": ids[i], "source": sources[i], "question": questions[i], "answer": answers[i][0] if answers[i] else "",
+         "answers": list(answers[i]), "prediction": predictions[i]}
+        for i in range(size)
+    ]  # fmt: skip
+
+
 def _escape(text: Any, limit: int = 160) -> str:
     text = " ".join(str(text).split())
     if len(text) > limit:

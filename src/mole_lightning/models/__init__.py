@@ -22,9 +22,15 @@ from mole_lightning.models.loading import (
     projector_state_dict_from,
     read_state_dict,
     save_adapters,
-    trainable_state_dict,
 )
 from mole_lightning.models.projector import PROJECTOR_NAMES, MLPProjector, build_projector, projector_name
+from mole_lightning.models.trainable import (
+    clean_parameter_name,
+    missing_trainable,
+    select_trainable,
+    trainable_names,
+    trainable_state_dict,
+)
 from mole_lightning.models.vision import HFVisionTower, OpenCLIPVisionTower, VisionTower
 
 __all__ = [
@@ -45,6 +51,10 @@ __all__ = [
     "build_preset",
     "build_projector",
     "build_vision_tower",
+    "clean_parameter_name",
+    "missing_trainable",
+    "select_trainable",
+    "trainable_names",
     "load_adapters",
     "load_llava_hf",
     "load_projector",

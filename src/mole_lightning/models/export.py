@@ -293,7 +293,7 @@ def save_peft(
 
     if model.mole_config is None:
         raise ExportError("the model has no LoRA adapters to write in peft format; export with --to llava-hf")
-    if model._token_row_start is not None and not token_rows_in_base:
+    if model.token_row_start is not None and not token_rows_in_base:
         raise ExportError(
             "the model trains embedding rows of added tokens, which a peft LoRA folder does not hold: write the "
             "base with them (--write-base) or export with --to mole"

@@ -89,7 +89,7 @@ class LlavaMoLE(nn.Module):
         self.projector_type = projector_type
         self.mole_config: Any = None
         self.tokenizer: Any = None  # set by the builders/loaders (tokenizer with the image token)
-        self._token_row_start: int | None = None
+        self.token_row_start: int | None = None
         self._token_row_hooks: list[Any] = []
         self._row_index_cache: dict[Any, torch.Tensor] = {}  # sharded gradient layout -> global row indices
         self.vision_tower.freeze()
@@ -123,8 +123,8 @@ class LlavaMoLE(nn.Module):
         self.mole_config = config
         self.vision_tower.freeze()
         self.projector.requires_grad_(True)
-        if self._token_row_start is not None:
-            self.train_new_token_rows(self._token_row_start)
+        if self.token_row_start is not None:
+            self.train_new_token_rows(self.token_row_start)
         return self
 
     def train_new_token_rows(self, start: int) -> None:
@@ -141,14 +141,14 @@ class LlavaMoLE(nn.Module):
         for handle in self._token_row_hooks:
             handle.remove()
         self._token_row_hooks = []
-        self._token_row_start = int(start)
+        self.token_row_start = int(start)
 
         def keep_new_rows(grad: torch.Tensor) -> torch.Tensor:
             grad = grad.clone()
             grad[:start] = 0
             return grad
 
-        weights = {id(w): w for w in self._embedding_weights()}
+        weights = {id(w): w for w in self.embedding_weights()}
         for weight in weights.values():
             weight.requires_grad_(True)
             self._token_row_hooks.append(weight.register_hook(keep_new_rows))
@@ -162,10 +162,10 @@ class LlavaMoLE(nn.Module):
         ``DTensor`` gradients are masked on each rank's own rows. ``MoLELightningModule`` calls it before every
         optimizer step. Does nothing unless new token rows are trainable.
         """
-        if self._token_row_start is None:
+        if self.token_row_start is None:
             return
-        start = self._token_row_start
-        for weight in self._embedding_weights():
+        start = self.token_row_start
+        for weight in self.embedding_weights():
             grad = weight.grad
             if grad is None:
                 continue
@@ -193,7 +193,8 @@ class LlavaMoLE(nn.Module):
             cache[key] = distribute_tensor(index, grad.device_mesh, grad.placements, src_data_rank=None).to_local()
         return cache[key]
 
-    def _embedding_weights(self) -> list[nn.Parameter]:
+    def embedding_weights(self) -> list[nn.Parameter]:
+        """The input embedding weight and, when not tied to it, the output (LM head) weight."""
         weights = [self.language_model.get_input_embeddings().weight]
         out = self.language_model.get_output_embeddings()
         if out is not None and out.weight is not weights[0]:
@@ -249,7 +250,7 @@ class LlavaMoLE(nn.Module):
         """
         groups: dict[str, list[nn.Parameter]] = {k: [] for k in ("adapters", "routers", "projector", "embeddings")}
         groups["other"] = []
-        embedding_ids = {id(w) for w in self._embedding_weights()}
+        embedding_ids = {id(w) for w in self.embedding_weights()}
         seen: set[int] = set()
         for name, param in self.named_parameters():
             if not param.requires_grad or id(param) in seen:

@@ -25,6 +25,7 @@ from torch import nn
 
 from mole_lightning.models.llava_mole import LlavaMoLE
 from mole_lightning.models.projector import MLPProjector, projector_name
+from mole_lightning.models.trainable import trainable_state_dict
 from mole_lightning.models.vision import HFVisionTower
 
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -181,23 +182,6 @@ def _mole_config(mole: Any) -> Any:
     raise TypeError(f"expected a MoLEConfig or dict, got {type(mole).__name__}")
 
 
-def trainable_state_dict(model: LlavaMoLE) -> dict[str, torch.Tensor]:
-    """What training changes: ``language_model.*`` adapter/router tensors, ``projector.*``, and
-    ``token_rows.{input,output}`` (rows added for new tokens, when trainable)."""
-    from mole_lightning.peft import adapter_state_dict
-
-    state: dict[str, torch.Tensor] = {}
-    if model.mole_config is not None:
-        state.update({f"language_model.{k}": v for k, v in adapter_state_dict(model.language_model).items()})
-    state.update({f"projector.{k}": v for k, v in model.projector.state_dict().items()})
-    start = model._token_row_start
-    if start is not None:
-        names = ("input", "output")
-        for name, weight in zip(names, model._embedding_weights()):
-            state[f"token_rows.{name}"] = weight.detach()[start:]
-    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
-
-
 def save_adapters(
     model: LlavaMoLE, directory: str | os.PathLike, *, base_model_name_or_path: str | None = None
 ) -> Path:
@@ -221,7 +205,7 @@ def save_adapters(
         "mole": dataclasses.asdict(model.mole_config) if model.mole_config is not None else None,
         "projector_type": projector_name(model.projector),
         "image_token_id": model.image_token_id,
-        "token_row_start": model._token_row_start,
+        "token_row_start": model.token_row_start,
         "feature_layer": getattr(model.vision_tower, "feature_layer", None),
     }
     (directory / ADAPTER_CONFIG_NAME).write_text(json.dumps(meta, indent=2))
@@ -277,7 +261,7 @@ def load_adapters(model: LlavaMoLE, directory: str | os.PathLike) -> LlavaMoLE:
     start = meta.get("token_row_start")
     if start is not None:
         with torch.no_grad():
-            for name, weight in zip(("input", "output"), model._embedding_weights()):
+            for name, weight in zip(("input", "output"), model.embedding_weights()):
                 rows = state[f"token_rows.{name}"]
                 if weight.shape[0] != start + rows.shape[0]:
                     raise ValueError(f"embedding has {weight.shape[0]} rows, adapter expects {start + rows.shape[0]}")

@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import Iterator, Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mole_lightning.peft.config import MoLEConfig
@@ -158,6 +159,23 @@ def collect_aux(model: nn.Module) -> MoLEAux:
 
 
 @torch.no_grad()
+@torch.no_grad()
+def expert_counts_per_sample(model: nn.Module) -> torch.Tensor | None:
+    """Valid tokens each sample of the last forward sent to each expert, per MoLE block: ``(L, B, K)`` float32.
+
+    ``None`` when no router has a record (plain LoRA with K = 1 has no router).
+    """
+    per_layer = []
+    for _, router in iter_routers(model):
+        rec = router.record
+        if rec is None:
+            continue
+        one_hot = F.one_hot(rec.expert, router.num_experts).to(torch.float32)  # (T, K)
+        one_hot = one_hot * rec.valid.to(torch.float32)[:, None]
+        per_layer.append(one_hot.reshape(rec.batch_size, -1, router.num_experts).sum(1))  # (B, K)
+    return torch.stack(per_layer) if per_layer else None  # (L, B, K)
+
+
 def routing_statistics(model: nn.Module) -> dict[str, dict[str, torch.Tensor | float]]:
     """Per MoLE block of the last forward: ``tokens_per_expert`` (K,) over valid tokens, the layer's switch
     ``balance`` (1.0 when perfectly balanced) and ``z_loss``. Keys are the routers' module names."""

@@ -1,23 +1,27 @@
 """Training LLaVA-MoLE with Lightning: the LightningModule, strategies (FSDP2/FSDP), callbacks, schedules, export.
 
 - :class:`MoLELightningModule` (+ :class:`ModelSpec`): builds the model in ``configure_model``, trains LM + aux
-  loss, logs routing, validates per source, generates in ``predict_step``.
+  loss, validates per source (:class:`SourceLossMetric`), generates in ``predict_step``.
 - :class:`MoLEModelParallelStrategy` (FSDP2) and :class:`MoLEFSDPStrategy` (FSDP1 by class names).
-- Callbacks: :class:`RoutingHeatmapCallback`, :class:`SourceMetricsTable`, :class:`ResumableTrainLoader`;
-  :class:`AtomicCheckpointIO`.
+- Callbacks: :class:`RoutingHeatmapCallback` (routing scalars + heatmaps), :class:`SourceMetricsTable`,
+  :class:`ResumableTrainLoader`, :class:`TokenThroughputMonitor`, :class:`LearningRateLogger`,
+  :class:`SkippedSamplesLogger`; :class:`AtomicCheckpointIO`.
 - :class:`WarmupCosineLR`; :func:`export_checkpoint` (adapter safetensors + config for ``load_adapters``).
 """
 
 from mole_lightning.training.callbacks import (
     AtomicCheckpointIO,
+    LearningRateLogger,
     ResumableTrainLoader,
     RoutingHeatmapCallback,
+    SkippedSamplesLogger,
     SourceMetricsTable,
     source_table,
 )
 from mole_lightning.training.export import export_checkpoint, module_from_checkpoint
 from mole_lightning.training.module import MoLELightningModule
 from mole_lightning.training.schedules import WarmupCosineLR
+from mole_lightning.training.source_metrics import SourceLossMetric
 from mole_lightning.training.spec import ModelSpec, VisionGeometry, vision_geometry
 from mole_lightning.training.strategies import (
     MoLEFSDPStrategy,
@@ -25,16 +29,21 @@ from mole_lightning.training.strategies import (
     default_strategy,
     fully_shard_llava_mole,
 )
+from mole_lightning.training.throughput import TokenThroughputMonitor, training_flops
 
 __all__ = [
     "AtomicCheckpointIO",
+    "LearningRateLogger",
     "ModelSpec",
     "MoLEFSDPStrategy",
     "MoLELightningModule",
     "MoLEModelParallelStrategy",
     "ResumableTrainLoader",
     "RoutingHeatmapCallback",
+    "SkippedSamplesLogger",
+    "SourceLossMetric",
     "SourceMetricsTable",
+    "TokenThroughputMonitor",
     "VisionGeometry",
     "WarmupCosineLR",
     "default_strategy",
@@ -42,5 +51,6 @@ __all__ = [
     "fully_shard_llava_mole",
     "module_from_checkpoint",
     "source_table",
+    "training_flops",
     "vision_geometry",
 ]

@@ -18,7 +18,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -78,62 +78,92 @@ def heatmap_figure(matrix: torch.Tensor, row_labels: list[str], title: str, col_
 
 
 class RoutingHeatmapCallback(Callback):
-    """TensorBoard heatmaps of MoLE routing.
+    """MoLE routing during training, read from the routers' records of each step's forward (``mole_lightning.peft``).
 
-    Training: the share of each expert per layer (rows: layers, columns: experts) every ``every_n_steps`` optimizer
-    steps, and the per-source × per-expert shares of the same batch. Validation: per-source × per-expert shares over
-    the whole validation set.
+    Every ``log_every_n_steps`` optimizer steps: the scalars ``routing/layer<LL>/expert<k>`` (share of each expert
+    per layer) and ``routing_source/<source>/expert<k>`` (per source of the batch, over layers). Every
+    ``every_n_steps`` steps on rank 0: TensorBoard heatmaps of the same (``routing/layer_expert_load``,
+    ``routing/train_source_expert``). After each validation: the per-source heatmap of the logged
+    ``val/<source>/expert<k>`` shares (``routing/val_source_expert``).
 
     Args:
         every_n_steps: Optimizer steps between training heatmaps (0 disables them).
-        validation: Also log the per-source heatmap after each validation.
+        validation: Also draw the per-source heatmap after each validation.
+        log_every_n_steps: Steps between routing scalars (``None``: the trainer's ``log_every_n_steps``; 0: never).
     """
 
-    def __init__(self, every_n_steps: int = 100, validation: bool = True) -> None:
+    def __init__(self, every_n_steps: int = 100, validation: bool = True, log_every_n_steps: int | None = None) -> None:
         self.every_n_steps = every_n_steps
         self.validation = validation
-        self._rendered_step: int | None = None
-
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        if self.every_n_steps > 0 and trainer.global_step % self.every_n_steps == 0:
-            pl_module.routing_snapshot_requested = True
+        self.log_every_n_steps = log_every_n_steps
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        step = getattr(pl_module, "last_routing_step", None)
-        if not trainer.is_global_zero or step is None or step == self._rendered_step:
-            return
-        if self.every_n_steps <= 0 or step % self.every_n_steps != 0:
-            return
-        writer = _tensorboard(trainer)
-        load = pl_module.last_expert_load
-        if writer is None or load is None:
-            return
-        import matplotlib.pyplot as plt
+        from mole_lightning.peft import expert_counts_per_sample
 
-        self._rendered_step = step
-        fig = heatmap_figure(load, [f"layer {i}" for i in range(load.shape[0])], f"expert load, step {step}")
-        writer.add_figure("routing/layer_expert_load", fig, global_step=step)
-        plt.close(fig)
-        sources = pl_module.last_source_routing
-        if sources:
-            matrix = torch.stack([sources[s] for s in sorted(sources)])
-            fig = heatmap_figure(matrix, sorted(sources), f"routing per source, step {step}")
-            writer.add_figure("routing/train_source_expert", fig, global_step=step)
-            plt.close(fig)
+        step = trainer.global_step - 1  # the step this batch was trained in
+        every = trainer.log_every_n_steps if self.log_every_n_steps is None else self.log_every_n_steps
+        scalars = every > 0 and step % every == 0
+        figures = self.every_n_steps > 0 and step % self.every_n_steps == 0 and trainer.is_global_zero
+        counts = expert_counts_per_sample(pl_module.model.language_model) if scalars or figures else None
+        if counts is None:  # (L, B, K)
+            return
+        layer_load = counts.sum(1)
+        layer_load = (layer_load / layer_load.sum(-1, keepdim=True).clamp_min(1.0)).cpu()  # (L, K)
+        sources = list(batch.get("source") or []) if isinstance(batch, dict) else []
+        per_sample = counts.sum(0).cpu()  # (B, K)
+        source_load = {}
+        for source in sorted(set(sources)):
+            total = per_sample[[i for i, s in enumerate(sources) if s == source]].sum(0)
+            source_load[source] = total / total.sum().clamp_min(1.0)
+        if scalars:
+            metrics = {f"routing/layer{layer:02d}/expert{e}": v for layer, row in enumerate(layer_load.tolist())
+                       for e, v in enumerate(row)}  # fmt: skip
+            metrics |= {f"routing_source/{s}/expert{e}": v for s, row in source_load.items()
+                        for e, v in enumerate(row.tolist())}  # fmt: skip
+            pl_module.log_dict(metrics, on_step=True, batch_size=1)
+        writer = _tensorboard(trainer) if figures else None
+        if writer is not None:
+            _add_figure(writer, "routing/layer_expert_load", layer_load, [f"layer {i}" for i in range(len(layer_load))],
+                        f"expert load, step {step}", step)  # fmt: skip
+            if source_load:
+                matrix = torch.stack([source_load[s] for s in source_load])
+                _add_figure(writer, "routing/train_source_expert", matrix, list(source_load),
+                            f"routing per source, step {step}", step)  # fmt: skip
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
-        routing = getattr(pl_module, "val_routing", None)
-        if not self.validation or not routing or not trainer.is_global_zero or trainer.sanity_checking:
+        if not self.validation or not trainer.is_global_zero or trainer.sanity_checking:
             return
+        _, routing = logged_source_metrics(trainer.callback_metrics, "val")
         writer = _tensorboard(trainer)
-        if writer is None:
-            return
-        import matplotlib.pyplot as plt
+        if routing and writer is not None:
+            matrix = torch.stack([routing[n] for n in routing])
+            _add_figure(writer, "routing/val_source_expert", matrix, list(routing), "validation routing per source",
+                        trainer.global_step)  # fmt: skip
 
-        names = list(routing)
-        fig = heatmap_figure(torch.stack([routing[n] for n in names]), names, "validation routing per source")
-        writer.add_figure("routing/val_source_expert", fig, global_step=trainer.global_step)
-        plt.close(fig)
+
+def _add_figure(writer: Any, tag: str, matrix: torch.Tensor, rows: list[str], title: str, step: int) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = heatmap_figure(matrix, rows, title)
+    writer.add_figure(tag, fig, global_step=step)
+    plt.close(fig)
+
+
+def logged_source_metrics(metrics: dict[str, Any], prefix: str) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """Per-source losses and expert shares among logged ``metrics`` (``<prefix>/<source>/loss``,
+    ``<prefix>/<source>/expert<k>``): ``({source: loss}, {source: (K,) shares})``."""
+    losses: dict[str, float] = {}
+    shares: dict[str, dict[int, float]] = {}
+    for key, value in metrics.items():
+        parts = key.split("/")
+        if len(parts) != 3 or parts[0] != prefix:
+            continue
+        if parts[2] == "loss":
+            losses[parts[1]] = float(value)
+        elif parts[2].startswith("expert") and parts[2][6:].isdigit():
+            shares.setdefault(parts[1], {})[int(parts[2][6:])] = float(value)
+    routing = {s: torch.tensor([v[k] for k in sorted(v)]) for s, v in sorted(shares.items())}
+    return dict(sorted(losses.items())), routing
 
 
 def source_table(val_losses: dict[str, float], val_routing: dict[str, torch.Tensor]) -> str:
@@ -155,7 +185,8 @@ def source_table(val_losses: dict[str, float], val_routing: dict[str, torch.Tens
 
 
 class SourceMetricsTable(Callback):
-    """Print the last validation's per-source metrics as a table when fitting ends (and after each validation).
+    """Print the last validation's per-source metrics (the logged ``val/<source>/...`` values) as a table when
+    fitting ends (and after each validation).
 
     Args:
         every_validation: Also print after every validation, not only at the end.
@@ -165,26 +196,56 @@ class SourceMetricsTable(Callback):
     def __init__(self, every_validation: bool = False, path: str | None = None) -> None:
         self.every_validation = every_validation
         self.path = path
-
-    def _table(self, pl_module: Any) -> str | None:
-        losses = getattr(pl_module, "val_losses", {}) or {}
-        routing = getattr(pl_module, "val_routing", {}) or {}
-        return source_table(losses, routing) if losses or routing else None
+        self._last: str | None = None
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
-        if self.every_validation and not trainer.sanity_checking:
-            table = self._table(pl_module)
-            if table:
-                rank_zero_info(f"\nvalidation at step {trainer.global_step}:\n{table}")
+        if trainer.sanity_checking:
+            return
+        losses, routing = logged_source_metrics(trainer.callback_metrics, "val")
+        self._last = source_table(losses, routing) if losses or routing else None
+        if self.every_validation and self._last:
+            rank_zero_info(f"\nvalidation at step {trainer.global_step}:\n{self._last}")
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
-        table = self._table(pl_module)
-        if table is None or not trainer.is_global_zero:
+        if self._last is None or not trainer.is_global_zero:
             return
-        print(f"\nper-source validation after {trainer.global_step} steps:\n{table}\n", flush=True)
+        print(f"\nper-source validation after {trainer.global_step} steps:\n{self._last}\n", flush=True)
         if self.path:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-            Path(self.path).write_text(table + "\n")
+            Path(self.path).write_text(self._last + "\n")
+
+
+class SkippedSamplesLogger(Callback):
+    """Logs ``skipped/<kind>/<source>``: the bad samples and unreadable shards the DataModule skipped so far
+    (its ``skipped_counts()``), every ``log_every_n_steps`` steps."""
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        counts = getattr(trainer.datamodule, "skipped_counts", None)
+        if not callable(counts) or (trainer.global_step - 1) % max(1, trainer.log_every_n_steps) != 0:
+            return
+        values = {f"skipped/{kind}": float(count) for kind, count in counts().items()}
+        if values:
+            pl_module.log_dict(values, on_step=True, batch_size=1)
+
+
+class LearningRateLogger(LearningRateMonitor):
+    """Lightning's ``LearningRateMonitor`` (``lr-<Optimizer>/<group name>`` per step, groups named by role:
+    ``adapters``, ``routers``, ``projector``...) that stays silent in runs without a logger instead of failing."""
+
+    def __init__(self, logging_interval: str | None = "step", log_momentum: bool = False) -> None:
+        super().__init__(logging_interval=logging_interval, log_momentum=log_momentum)
+
+    def on_train_start(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+        if trainer.loggers:
+            super().on_train_start(trainer, *args, **kwargs)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+        if trainer.loggers:
+            super().on_train_batch_start(trainer, *args, **kwargs)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+        if trainer.loggers:
+            super().on_train_epoch_start(trainer, *args, **kwargs)
 
 
 class _ResumableLoader:

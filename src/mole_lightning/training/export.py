@@ -18,8 +18,9 @@ from typing import Any
 
 import torch
 
+from mole_lightning.models import clean_parameter_name
 from mole_lightning.models.llava_mole import LlavaMoLE
-from mole_lightning.training.module import MoLELightningModule, clean_parameter_name
+from mole_lightning.training.module import MoLELightningModule
 
 TRAINING_CONFIG_NAME = "training_config.json"
 

@@ -97,6 +97,38 @@ class ModelSpec:
         """The preset's MoLE settings (``None`` without preset or when the preset has none)."""
         return self.builder_kwargs().get("mole")
 
+    def resolve_mole(self, mole: Any = None) -> Any:
+        """The MoLE configuration to apply: ``mole`` if given, else the preset's, else ``None`` (no adapters)."""
+        from mole_lightning.peft import MoLEConfig
+
+        if mole is None:
+            mole = self.preset_mole()
+        return MoLEConfig.from_dict(mole) if isinstance(mole, dict) else mole
+
+    def build(self, mole: Any = None, tokenizer: Any = None, *, seed: int = 0) -> Any:
+        """Build the :class:`~mole_lightning.models.LlavaMoLE` with the global RNG forked and seeded by ``seed``.
+
+        Raises:
+            ValueError: The built tower gives another number of tokens per image than its config said (the data
+                would be prepared for the wrong geometry).
+        """
+        from mole_lightning.models import build_llava_mole
+
+        kwargs = {**self.builder_kwargs(), "mole": self.resolve_mole(mole)}
+        if tokenizer is not None:
+            kwargs["tokenizer"] = tokenizer
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            model = build_llava_mole(**kwargs)
+        expected = self.vision_geometry().num_image_tokens
+        if model.num_image_tokens != expected:
+            raise ValueError(
+                f"the vision tower {kwargs.get('vision_name_or_path') or kwargs.get('vision')!r} gives "
+                f"{model.num_image_tokens} tokens per image, its config said {expected}"
+            )
+        return model
+
     def vision_geometry(self) -> VisionGeometry:
         """Visual tokens per image and the image preprocessing the tower expects, read from configs only."""
         kwargs = self.builder_kwargs()
