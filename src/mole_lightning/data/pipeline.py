@@ -4,7 +4,8 @@ Training (:class:`MixedTrainingStream`), run inside each DataLoader worker::
 
     per source: resampled shards (seeded by seed, rank, worker, epoch) → tar samples (webdataset)
     → weighted random choice of a source per sample (the mixing weights λ_m)
-    → shuffle buffer → decode + template + tokenize + image processing → batches → ``with_epoch``-style limit
+    → shuffle buffer → decode + template + tokenize + image processing
+    → batches (consecutive, or grouped by modality and length) → ``with_epoch``-style limit
 
 Every worker yields exactly ``batches_per_worker`` batches, so every rank yields the same number of batches (no DDP
 hang at epoch end). The mixing is ``wds.RandomMix``'s over resampled per-source streams, with a seeded generator and
@@ -201,6 +202,85 @@ def encode_samples(
             counter.add(error.kind, source)
 
 
+def consecutive_groups(examples: Iterator[dict[str, Any]], batch_size: int) -> Iterator[list[dict[str, Any]]]:
+    """Consecutive groups of ``batch_size`` examples, in stream order; the last group may be smaller."""
+    group: list[dict[str, Any]] = []
+    for example in examples:
+        group.append(example)
+        if len(group) == batch_size:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+def example_length(example: dict[str, Any]) -> int:
+    """Tokens of an encoded example (image placeholders included)."""
+    return len(example["input_ids"])
+
+
+def has_image(example: dict[str, Any]) -> bool:
+    """Whether an encoded example carries an image."""
+    return example.get("pixel_values") is not None
+
+
+class ModalityLengthGrouper:
+    """Groups examples into batches of one modality (image or text-only) and similar length (LLaVA's
+    ``group_by_modality_length``, over a stream instead of an index list).
+
+    Each modality has a buffer of ``batch_size · group_batches`` examples. A full buffer is sorted by length (stable,
+    so equal lengths keep their shuffled order) and cut into ``group_batches`` batches, which enter a pool of ready
+    batches; while the pool holds more than ``group_batches`` batches a uniformly random one leaves it, so batches
+    of both modalities and of every length range interleave. Every example is emitted exactly once, in a batch of
+    its own modality; at most ``4 · batch_size · group_batches`` examples are held (two buffers of
+    ``batch_size · group_batches - 1``, a pool of ``2 · group_batches`` batches). A finite stream ends by sorting and
+    emitting what is left (the last batch of each modality may be smaller).
+
+    Padding: a batch pads every row to its longest one, pad tokens = Σ_rows (max length − length); sorting a buffer
+    makes each batch a run of neighbouring lengths, so the padding shrinks as the buffer grows.
+
+    Args:
+        group_batches: Batches per modality buffer (N); larger groups pad less and hold more examples.
+        rng: Random generator for the pool (seeded per worker and epoch, so grouping is reproducible).
+    """
+
+    def __init__(self, group_batches: int, rng: random.Random) -> None:
+        if group_batches < 1:
+            raise ValueError(f"group_batches must be at least 1, got {group_batches}")
+        self.group_batches = group_batches
+        self.rng = rng
+
+    def sorted_batches(self, buffer: list[dict[str, Any]], batch_size: int) -> list[list[dict[str, Any]]]:
+        """``buffer`` sorted by length and cut into batches of ``batch_size`` (the last one may be smaller)."""
+        ordered = sorted(buffer, key=example_length)
+        return list(consecutive_groups(iter(ordered), batch_size))
+
+    def pop_random(self, pool: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+        """Removes and returns a uniformly random batch of the pool."""
+        index = self.rng.randrange(len(pool))
+        pool[index], pool[-1] = pool[-1], pool[index]
+        return pool.pop()
+
+    def __call__(self, examples: Iterator[dict[str, Any]], batch_size: int) -> Iterator[list[dict[str, Any]]]:
+        """Yields the batches (lists of examples) of ``examples``."""
+        capacity = batch_size * self.group_batches
+        buffers: dict[bool, list[dict[str, Any]]] = {True: [], False: []}
+        pool: list[list[dict[str, Any]]] = []
+        for example in examples:
+            buffer = buffers[has_image(example)]
+            buffer.append(example)
+            if len(buffer) < capacity:
+                continue
+            pool.extend(self.sorted_batches(buffer, batch_size))
+            buffer.clear()
+            while len(pool) > self.group_batches:
+                yield self.pop_random(pool)
+        for buffer in buffers.values():
+            pool.extend(self.sorted_batches(buffer, batch_size))
+        while pool:
+            yield self.pop_random(pool)
+
+
 def batch_examples(
     examples: Iterator[dict[str, Any]],
     batch_size: int,
@@ -208,6 +288,7 @@ def batch_examples(
     counter: SkipCounter,
     max_batches: int | None = None,
     partial: bool = True,
+    grouper: Callable[[Iterator[dict[str, Any]], int], Iterator[list[dict[str, Any]]]] = consecutive_groups,
 ) -> Iterator[dict[str, Any]]:
     """Groups examples into collated batches with the skip-count delta under ``"skipped"``.
 
@@ -217,27 +298,24 @@ def batch_examples(
         collate_fn: Collation function.
         counter: The worker's skip counter.
         max_batches: Stop after this many batches (the per-worker epoch length).
-        partial: Yield a last, smaller batch at the end of a finite stream; then, if samples were skipped after
-            it, yield a count-only ``{"skipped": ...}`` item (dropped by :class:`CountingLoader`).
+        partial: Yield smaller batches at the end of a finite stream (else drop them); then, if samples were
+            skipped after the last batch, yield a count-only ``{"skipped": ...}`` item (dropped by
+            :class:`CountingLoader`).
+        grouper: ``(examples, batch_size) → lists of examples``: :func:`consecutive_groups` (stream order) or a
+            :class:`ModalityLengthGrouper`.
     """
     produced = 0
-    buffer: list[dict[str, Any]] = []
     if max_batches is not None and max_batches <= 0:
         return
-    for example in examples:
-        buffer.append(example)
-        if len(buffer) == batch_size:
-            batch = collate_fn(buffer)
-            buffer = []
-            batch[SKIPPED_KEY] = counter.pop_delta()
-            yield batch
-            produced += 1
-            if max_batches is not None and produced >= max_batches:
-                return
-    if buffer and partial:
-        batch = collate_fn(buffer)
+    for group in grouper(examples, batch_size):
+        if len(group) < batch_size and not partial:
+            continue
+        batch = collate_fn(group)
         batch[SKIPPED_KEY] = counter.pop_delta()
         yield batch
+        produced += 1
+        if max_batches is not None and produced >= max_batches:
+            return
     delta = counter.pop_delta()
     if delta:
         yield {SKIPPED_KEY: delta}
@@ -262,6 +340,9 @@ class MixedTrainingStream(IterableDataset):
         seed: Base seed.
         rank: Global rank of this process.
         world_size: Number of ranks.
+        group_by_modality_length: Batch within one modality and similar lengths (:class:`ModalityLengthGrouper`)
+            instead of consecutive examples.
+        group_batches: Batches per modality buffer when grouping.
     """
 
     def __init__(
@@ -276,6 +357,8 @@ class MixedTrainingStream(IterableDataset):
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        group_by_modality_length: bool = False,
+        group_batches: int = 8,
     ) -> None:
         super().__init__()
         self.sources = {name: {"urls": list(c["urls"]), "weight": float(c["weight"])} for name, c in sources.items()}
@@ -288,6 +371,10 @@ class MixedTrainingStream(IterableDataset):
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
+        self.group_by_modality_length = group_by_modality_length
+        self.group_batches = group_batches
+        if group_by_modality_length and group_batches < 1:
+            raise ValueError(f"group_batches must be at least 1, got {group_batches}")
         self.epoch = 0  # bumped by CountingLoader in the main process before workers start
         self._iterations = 0  # bumped in the worker's copy (persistent workers)
 
@@ -310,8 +397,17 @@ class MixedTrainingStream(IterableDataset):
                 mixed, bufsize=self.shuffle_buffer, initial=self.shuffle_buffer, rng=random.Random(base)
             )
         examples = encode_samples(mixed, self.encoder, counter)
+        grouper = consecutive_groups
+        if self.group_by_modality_length:
+            grouper = ModalityLengthGrouper(self.group_batches, random.Random(stream_seed(base, "group")))
         yield from batch_examples(
-            examples, self.batch_size, self.collate_fn, counter, max_batches=self.batches_per_worker, partial=False
+            examples,
+            self.batch_size,
+            self.collate_fn,
+            counter,
+            max_batches=self.batches_per_worker,
+            partial=False,
+            grouper=grouper,
         )
 
 
@@ -426,10 +522,12 @@ __all__ = [
     "SKIPPED_KEY",
     "CountingLoader",
     "MixedTrainingStream",
+    "ModalityLengthGrouper",
     "SkipCounter",
     "SkipTally",
     "SourceEvalStream",
     "batches_per_worker",
+    "consecutive_groups",
     "mix_sources",
     "read_shard",
     "resampled_samples",
