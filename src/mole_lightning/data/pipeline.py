@@ -228,19 +228,21 @@ class ModalityLengthGrouper:
     """Groups examples into batches of one modality (image or text-only) and similar length (LLaVA's
     ``group_by_modality_length``, over a stream instead of an index list).
 
-    Each modality has a buffer of ``batch_size · group_batches`` examples. A full buffer is sorted by length (stable,
-    so equal lengths keep their shuffled order) and cut into ``group_batches`` batches, which enter a pool of ready
-    batches; while the pool holds more than ``group_batches`` batches a uniformly random one leaves it, so batches
-    of both modalities and of every length range interleave. Every example is emitted exactly once, in a batch of
-    its own modality; at most ``4 · batch_size · group_batches`` examples are held (two buffers of
-    ``batch_size · group_batches - 1``, a pool of ``2 · group_batches`` batches). A finite stream ends by sorting and
-    emitting what is left (the last batch of each modality may be smaller).
+    Examples collect in a buffer of ``batch_size · group_batches`` (both modalities together). When it is full, each
+    modality's examples are sorted by length (stable, so equal lengths keep their shuffled order) and cut into full
+    batches; the newest ``count mod batch_size`` examples of each modality stay for the next round, so a rare
+    modality waits only until it fills one batch. The batches enter a pool; while the pool holds more than
+    ``group_batches`` batches a uniformly random one leaves it, so the modalities and the length ranges interleave.
+    Because the buffer fills in the proportions of the stream, the examples held when a worker's epoch is cut off
+    are a sample of the mixture (plus fewer than ``batch_size`` of each modality), and the source and modality
+    proportions of the emitted batches are those of the stream. At most ``3 · batch_size · group_batches`` examples
+    are held. A finite stream ends by emitting everything (the last batch of each modality may be smaller).
 
     Padding: a batch pads every row to its longest one, pad tokens = Σ_rows (max length − length); sorting a buffer
     makes each batch a run of neighbouring lengths, so the padding shrinks as the buffer grows.
 
     Args:
-        group_batches: Batches per modality buffer (N); larger groups pad less and hold more examples.
+        group_batches: Batches per buffer (N); larger buffers pad less and hold more examples.
         rng: Random generator for the pool (seeded per worker and epoch, so grouping is reproducible).
     """
 
@@ -250,10 +252,24 @@ class ModalityLengthGrouper:
         self.group_batches = group_batches
         self.rng = rng
 
-    def sorted_batches(self, buffer: list[dict[str, Any]], batch_size: int) -> list[list[dict[str, Any]]]:
-        """``buffer`` sorted by length and cut into batches of ``batch_size`` (the last one may be smaller)."""
-        ordered = sorted(buffer, key=example_length)
-        return list(consecutive_groups(iter(ordered), batch_size))
+    @staticmethod
+    def sorted_batches(
+        examples: list[dict[str, Any]], batch_size: int, keep_remainder: bool = True
+    ) -> tuple[list[list[dict[str, Any]]], list[dict[str, Any]]]:
+        """Per modality, the examples sorted by length and cut into batches of ``batch_size``.
+
+        Returns:
+            ``(batches, kept)``: with ``keep_remainder`` the newest ``count mod batch_size`` examples of each
+            modality are kept (in arrival order) instead of forming a smaller batch.
+        """
+        batches: list[list[dict[str, Any]]] = []
+        kept: list[dict[str, Any]] = []
+        for image in (True, False):
+            same = [example for example in examples if has_image(example) == image]
+            count = len(same) - len(same) % batch_size if keep_remainder else len(same)
+            batches.extend(consecutive_groups(iter(sorted(same[:count], key=example_length)), batch_size))
+            kept.extend(same[count:])
+        return batches, kept
 
     def pop_random(self, pool: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
         """Removes and returns a uniformly random batch of the pool."""
@@ -264,19 +280,17 @@ class ModalityLengthGrouper:
     def __call__(self, examples: Iterator[dict[str, Any]], batch_size: int) -> Iterator[list[dict[str, Any]]]:
         """Yields the batches (lists of examples) of ``examples``."""
         capacity = batch_size * self.group_batches
-        buffers: dict[bool, list[dict[str, Any]]] = {True: [], False: []}
+        buffer: list[dict[str, Any]] = []
         pool: list[list[dict[str, Any]]] = []
         for example in examples:
-            buffer = buffers[has_image(example)]
             buffer.append(example)
             if len(buffer) < capacity:
                 continue
-            pool.extend(self.sorted_batches(buffer, batch_size))
-            buffer.clear()
+            batches, buffer = self.sorted_batches(buffer, batch_size)
+            pool.extend(batches)
             while len(pool) > self.group_batches:
                 yield self.pop_random(pool)
-        for buffer in buffers.values():
-            pool.extend(self.sorted_batches(buffer, batch_size))
+        pool.extend(self.sorted_batches(buffer, batch_size, keep_remainder=False)[0])
         while pool:
             yield self.pop_random(pool)
 
@@ -342,7 +356,7 @@ class MixedTrainingStream(IterableDataset):
         world_size: Number of ranks.
         group_by_modality_length: Batch within one modality and similar lengths (:class:`ModalityLengthGrouper`)
             instead of consecutive examples.
-        group_batches: Batches per modality buffer when grouping.
+        group_batches: Batches per grouping buffer.
     """
 
     def __init__(
@@ -358,7 +372,7 @@ class MixedTrainingStream(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         group_by_modality_length: bool = False,
-        group_batches: int = 8,
+        group_batches: int = 16,
     ) -> None:
         super().__init__()
         self.sources = {name: {"urls": list(c["urls"]), "weight": float(c["weight"])} for name, c in sources.items()}
