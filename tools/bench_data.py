@@ -86,8 +86,8 @@ def photo_like_jpeg(rng: random.Random, width: int = 640, height: int = 480) -> 
 
 def tokens_per_word(tokenizer: Any, rng: random.Random) -> float:
     """Mean tokens per word of :data:`WORDS` text under ``tokenizer``."""
-    text = " ".join(rng.choices(WORDS, k=2000))
-    return len(tokenizer(text, add_special_tokens=False)["input_ids"]) / 2000
+    text = " ".join(rng.choices(WORDS, k=1000))
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"]) / 1000
 
 
 def text_tokens(rng: random.Random, shape: dict[str, float]) -> int:
