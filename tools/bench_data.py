@@ -26,7 +26,7 @@ Bytes per sample = bytes of all tensors of a batch as a worker sends it, over it
 
 Usage::
 
-    python tools/bench_data.py [--samples 8000] [--workers 2] [--batch-size 16] [--group-batches 16]
+    python tools/bench_data.py [--samples 8000] [--workers 2] [--batch-size 16] [--group-batches 32] [--text-share 0.06]
 """
 
 from __future__ import annotations
@@ -171,15 +171,20 @@ def measure(setting: str, sources: dict, tokenizer: str, args: argparse.Namespac
     if setting == "before":
         stream.collate_fn = FloatPixelsCollator(stream.collate_fn, datamodule.image_mean, datamodule.image_std)
     loader = CountingLoader(stream, datamodule.tally, num_workers=args.workers)
-    samples = images = real = total = sent = pixel_bytes = 0
+    samples = images = sent = pixel_bytes = 0
     lengths: dict[bool, list[int]] = {True: [], False: []}
+    tokens = {kind: [0, 0] for kind in ("all", "image batches", "text batches")}  # [real, padded total]
     start = time.perf_counter()
     for batch in loader:
         mask = batch["attention_mask"]
         samples += mask.shape[0]
         images += int(batch["has_image"].sum())
-        real += int(mask.sum())
-        total += mask.numel()
+        kinds = ["all"]
+        if batch["has_image"].all() or not batch["has_image"].any():
+            kinds.append("image batches" if batch["has_image"].all() else "text batches")
+        for kind in kinds:
+            tokens[kind][0] += int(mask.sum())
+            tokens[kind][1] += mask.numel()
         batch_bytes, batch_pixel_bytes = tensor_bytes(batch)
         sent += batch_bytes
         pixel_bytes += batch_pixel_bytes
@@ -193,7 +198,10 @@ def measure(setting: str, sources: dict, tokenizer: str, args: argparse.Namespac
         "text_only_share": round(1 - images / samples, 3),
         "mean_tokens_image_samples": round(float(np.mean(lengths[True])), 1) if lengths[True] else None,
         "mean_tokens_text_samples": round(float(np.mean(lengths[False])), 1) if lengths[False] else None,
-        "padding_fraction": round(1 - real / total, 4),
+        "padding_fraction": round(1 - tokens["all"][0] / tokens["all"][1], 4),
+        "padding_single_modality_batches": {
+            kind: round(1 - real / total, 4) for kind, (real, total) in tokens.items() if kind != "all" and total
+        },
         "seconds": round(elapsed, 2),
         "samples_per_s": round(samples / elapsed, 1),
         "bytes_per_sample": round(sent / samples),
@@ -208,7 +216,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples", type=int, default=8000, help="training samples per setting (one epoch)")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers (0: the main process)")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--group-batches", type=int, default=16, help="batches per modality buffer when grouped")
+    parser.add_argument(
+        "--group-batches", type=int, default=32, help="batches per grouping buffer (DataModule default)"
+    )
     parser.add_argument("--text-share", type=float, default=0.06, help="share of text-only samples in the mix")
     parser.add_argument("--shard-samples", type=int, default=4000, help="distinct samples written to the shards")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 = a worker's usual setting)")

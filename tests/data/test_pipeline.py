@@ -159,7 +159,7 @@ def test_grouper_holds_a_bounded_number_of_examples():
         most_held = max(most_held, consumed - emitted)
         emitted += len(group)
     assert emitted == consumed == 2000
-    assert most_held <= 3 * batch_size * group_batches
+    assert most_held <= batch_size * group_batches
 
 
 def test_grouper_rejects_an_empty_buffer():

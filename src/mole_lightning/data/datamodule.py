@@ -109,7 +109,7 @@ class MixedInstructionDataModule(pl.LightningDataModule):
         group_by_modality_length: Training batches within one modality and of similar lengths (LLaVA's option of
             the same name), sorted inside a buffer of ``batch_size · group_batches`` encoded samples per worker.
         group_batches: Batches per buffer for ``group_by_modality_length`` (≥ 1; larger pads less and holds more
-            samples in each worker: up to ``3 · batch_size · group_batches``).
+            samples in each worker: up to ``batch_size · group_batches``).
     """
 
     def __init__(
@@ -136,7 +136,7 @@ class MixedInstructionDataModule(pl.LightningDataModule):
         pin_memory: bool = False,
         persistent_workers: bool = False,
         group_by_modality_length: bool = False,
-        group_batches: int = 16,
+        group_batches: int = 32,
     ) -> None:
         super().__init__()
         if template not in TEMPLATES:

@@ -230,20 +230,19 @@ class ModalityLengthGrouper:
 
     Examples collect in a buffer of ``batch_size · group_batches`` (both modalities together). When it is full, each
     modality's examples are sorted by length (stable, so equal lengths keep their shuffled order) and cut into full
-    batches; the newest ``count mod batch_size`` examples of each modality stay for the next round, so a rare
-    modality waits only until it fills one batch. The batches enter a pool; while the pool holds more than
-    ``group_batches`` batches a uniformly random one leaves it, so the modalities and the length ranges interleave.
-    Because the buffer fills in the proportions of the stream, the examples held when a worker's epoch is cut off
-    are a sample of the mixture (plus fewer than ``batch_size`` of each modality), and the source and modality
-    proportions of the emitted batches are those of the stream. At most ``3 · batch_size · group_batches`` examples
-    are held. A finite stream ends by emitting everything (the last batch of each modality may be smaller).
+    batches, which leave in random order, so the modalities and the length ranges interleave; the newest
+    ``count mod batch_size`` examples of each modality stay for the next round, so a rare modality waits only until
+    it fills one batch. Because the buffer fills in the proportions of the stream, the examples held when a worker's
+    epoch is cut off are a sample of the mixture (plus fewer than ``batch_size`` of each modality), and the source
+    and modality proportions of the emitted batches are those of the stream. At most ``batch_size · group_batches``
+    examples are held. A finite stream ends by emitting everything (the last batch of each modality may be smaller).
 
     Padding: a batch pads every row to its longest one, pad tokens = Σ_rows (max length − length); sorting a buffer
     makes each batch a run of neighbouring lengths, so the padding shrinks as the buffer grows.
 
     Args:
         group_batches: Batches per buffer (N); larger buffers pad less and hold more examples.
-        rng: Random generator for the pool (seeded per worker and epoch, so grouping is reproducible).
+        rng: Random generator for the batch order (seeded per worker and epoch, so grouping is reproducible).
     """
 
     def __init__(self, group_batches: int, rng: random.Random) -> None:
@@ -271,28 +270,20 @@ class ModalityLengthGrouper:
             kept.extend(same[count:])
         return batches, kept
 
-    def pop_random(self, pool: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
-        """Removes and returns a uniformly random batch of the pool."""
-        index = self.rng.randrange(len(pool))
-        pool[index], pool[-1] = pool[-1], pool[index]
-        return pool.pop()
-
     def __call__(self, examples: Iterator[dict[str, Any]], batch_size: int) -> Iterator[list[dict[str, Any]]]:
         """Yields the batches (lists of examples) of ``examples``."""
         capacity = batch_size * self.group_batches
         buffer: list[dict[str, Any]] = []
-        pool: list[list[dict[str, Any]]] = []
         for example in examples:
             buffer.append(example)
             if len(buffer) < capacity:
                 continue
             batches, buffer = self.sorted_batches(buffer, batch_size)
-            pool.extend(batches)
-            while len(pool) > self.group_batches:
-                yield self.pop_random(pool)
-        pool.extend(self.sorted_batches(buffer, batch_size, keep_remainder=False)[0])
-        while pool:
-            yield self.pop_random(pool)
+            self.rng.shuffle(batches)
+            yield from batches
+        batches, _ = self.sorted_batches(buffer, batch_size, keep_remainder=False)
+        self.rng.shuffle(batches)
+        yield from batches
 
 
 def batch_examples(
@@ -372,7 +363,7 @@ class MixedTrainingStream(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         group_by_modality_length: bool = False,
-        group_batches: int = 16,
+        group_batches: int = 32,
     ) -> None:
         super().__init__()
         self.sources = {name: {"urls": list(c["urls"]), "weight": float(c["weight"])} for name, c in sources.items()}
