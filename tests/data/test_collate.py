@@ -20,7 +20,7 @@ def sample(ids, labels, image=None, **extra):
 
 
 def test_right_padding_for_training():
-    image = torch.ones(3, 2, 2)
+    image = torch.full((3, 2, 2), 200, dtype=torch.uint8)
     batch = collate(
         [sample([5, 6, 7], [-100, 6, 7], image, source="doc", id="a"), sample([8], [8], None, source="med", id="b")],
         pad_token_id=0,
@@ -30,7 +30,8 @@ def test_right_padding_for_training():
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["attention_mask"].dtype == torch.long
     assert batch["has_image"].tolist() == [True, False] and batch["has_image"].dtype == torch.bool
-    assert batch["pixel_values"].shape == (1, 3, 2, 2) and batch["pixel_values"].dtype == torch.float32
+    assert batch["pixel_values"].shape == (1, 3, 2, 2) and batch["pixel_values"].dtype == torch.uint8  # as sent
+    assert batch["pixel_values"].eq(200).all()
     assert batch["source"] == ["doc", "med"] and batch["id"] == ["a", "b"]
     assert "answers" not in batch
 
@@ -38,7 +39,7 @@ def test_right_padding_for_training():
 def test_images_are_stacked_in_batch_order_and_none_without_images():
     first, second = torch.zeros(3, 2, 2), torch.ones(3, 2, 2)
     batch = collate([sample([1], [1], first), sample([1], [1]), sample([1], [1], second)], pad_token_id=0)
-    assert torch.equal(batch["pixel_values"], torch.stack([first, second]))
+    assert torch.equal(batch["pixel_values"], torch.stack([first, second]))  # float pixels stay float
     assert batch["has_image"].tolist() == [True, False, True]
     assert collate([sample([1], [1])], pad_token_id=0)["pixel_values"] is None
 

@@ -39,15 +39,48 @@ def test_constructor_arguments_are_typed_and_documented():
         assert f"    {name}:" in doc, name
 
 
-def test_epoch_length_equal_over_simulated_ranks(demo):
+@pytest.mark.parametrize("grouped", [False, True], ids=["consecutive", "grouped"])
+def test_epoch_length_equal_over_simulated_ranks(demo, grouped):
     lengths = []
     for rank in (0, 1):
-        datamodule = make(demo, num_workers=2, samples_per_epoch=100, batch_size=4)
+        datamodule = make(
+            demo, num_workers=2, samples_per_epoch=100, batch_size=4, group_by_modality_length=grouped, group_batches=2
+        )
         datamodule.setup("fit")
         datamodule.rank, datamodule.world_size = rank, 2
         loader = datamodule.train_dataloader()
         lengths.append((len(loader), sum(1 for _ in loader)))
     assert lengths == [(14, 14), (14, 14)]
+
+
+def epoch_ids(loader) -> list[list[str]]:
+    """The sample ids of each batch of one pass over a loader."""
+    return [batch["id"] for batch in loader]
+
+
+def test_grouped_training_stream_resumes_exactly_mid_epoch(demo):
+    """The resume mechanism (``ResumableTrainLoader``) reseeds the epoch and skips the trained batches; with grouping
+    the resumed loader yields exactly the batches an uninterrupted epoch yields after them."""
+    from mole_lightning.training.callbacks import _ResumableLoader
+
+    options = dict(num_workers=2, batch_size=4, samples_per_epoch=48, group_by_modality_length=True, group_batches=2)
+    uninterrupted = make(demo, **options)
+    uninterrupted.setup("fit")
+    loader = uninterrupted.train_dataloader()
+    first, second = epoch_ids(loader), epoch_ids(loader)
+    assert len(first) == len(second) == 12 and first != second
+
+    resumed = make(demo, **options)  # a fresh process: the stream restarts at the first epoch
+    resumed.setup("fit")
+    wrapped = _ResumableLoader(resumed.train_dataloader(), trainer=None)
+    wrapped.load_state_dict({"dataset_epoch": 2, "batches": 5})  # saved after 5 batches of the second epoch
+    assert epoch_ids(wrapped) == second[5:]
+    assert epoch_ids(wrapped) != second  # the next epoch is a new one
+
+
+def test_bad_group_batches_is_a_clear_error(demo):
+    with pytest.raises(ValueError, match="group_batches must be at least 1, got 0"):
+        make(demo, group_by_modality_length=True, group_batches=0)
 
 
 def test_default_epoch_size_comes_from_sizes_json(demo):
@@ -108,7 +141,7 @@ class TinyModel(pl.LightningModule):
     def loss(self, batch):
         features = self.embed(batch["input_ids"], per_sample_weights=None, offsets=None)
         if batch["pixel_values"] is not None:
-            pooled = self.image(batch["pixel_values"].mean(dim=(2, 3)))
+            pooled = self.image(batch["pixel_values"].float().mean(dim=(2, 3)))  # uint8 pixels
             features = features.index_add(0, batch["has_image"].nonzero().flatten(), pooled)
         return self.head(features).pow(2).mean()
 

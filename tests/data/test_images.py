@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from mole_lightning.data.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageProcessor, to_rgb
+from mole_lightning.pixels import normalize_pixels
 
 MEAN = torch.tensor(OPENAI_CLIP_MEAN).view(3, 1, 1)
 STD = torch.tensor(OPENAI_CLIP_STD).view(3, 1, 1)
@@ -102,3 +103,22 @@ def test_resampling_matches_pil_bicubic_within_one_grey_level():
     assert ours.dtype == torch.uint8 and ours.shape == (3, 36, 36)
     expected = torch.from_numpy(np.asarray(reference).copy()).permute(2, 0, 1).int()
     assert (ours.int() - expected).abs().max() <= 1
+
+
+def test_workers_send_uint8_pixels_whose_normalization_is_the_float_path():
+    gen = np.random.default_rng(1)
+    buffer = io.BytesIO()
+    Image.fromarray((gen.random((30, 50, 3)) * 255).astype(np.uint8)).save(buffer, format="PNG")
+    processor = ImageProcessor(image_size=24, aspect="pad")
+    pixels = processor.pixels(buffer.getvalue())
+    assert pixels.dtype == torch.uint8 and pixels.shape == (3, 24, 24)
+    by_hand = (pixels.double() / 255 - MEAN.double()) / STD.double()  # reference in float64
+    ours = normalize_pixels(pixels, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours.double(), by_hand, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(processor(buffer.getvalue()).double(), by_hand, rtol=1e-6, atol=1e-6)  # float path
+
+
+def test_normalize_pixels_rejects_float_input():
+    with pytest.raises(ValueError, match="expects uint8 pixels"):
+        normalize_pixels(torch.zeros(3, 2, 2), OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)

@@ -6,15 +6,18 @@ import functools
 import http.server
 import json
 import os
+import random
 import threading
 from collections import Counter
 
 import pytest
+import torch
 
 from mole_lightning.data.collate import Collator
 from mole_lightning.data.pipeline import (
     CountingLoader,
     MixedTrainingStream,
+    ModalityLengthGrouper,
     SkipTally,
     SourceEvalStream,
     batches_per_worker,
@@ -31,7 +34,9 @@ def encoder(demo, **overrides) -> SampleEncoder:
     return SampleEncoder(**options)
 
 
-def training_stream(demo, sources, batches, batch_size=8, rank=0, world_size=1, num_workers=0, shuffle_buffer=50):
+def training_stream(
+    demo, sources, batches, batch_size=8, rank=0, world_size=1, num_workers=0, shuffle_buffer=50, **grouping
+):
     expanded = {name: {"urls": expand_urls(c["urls"]), "weight": c["weight"]} for name, c in sources.items()}
     return MixedTrainingStream(
         expanded,
@@ -44,6 +49,7 @@ def training_stream(demo, sources, batches, batch_size=8, rank=0, world_size=1, 
         seed=0,
         rank=rank,
         world_size=world_size,
+        **grouping,
     )
 
 
@@ -64,13 +70,22 @@ def test_mixing_proportions_follow_the_weights(demo):
         assert abs(counts[name] / total - expected) < 0.03, counts
 
 
-def test_every_rank_yields_the_same_number_of_batches_with_two_workers(demo):
+@pytest.mark.parametrize("grouped", [False, True], ids=["consecutive", "grouped"])
+def test_every_rank_yields_the_same_number_of_batches_with_two_workers(demo, grouped):
     per_worker = batches_per_worker(samples_per_epoch=100, batch_size=4, world_size=2, num_workers=2)
     assert per_worker == 7  # ceil(ceil(100 / (4 * 2)) / 2)
     seen_ids = []
     for rank in (0, 1):
         stream = training_stream(
-            demo, demo.sources("train"), per_worker, batch_size=4, rank=rank, world_size=2, num_workers=2
+            demo,
+            demo.sources("train"),
+            per_worker,
+            batch_size=4,
+            rank=rank,
+            world_size=2,
+            num_workers=2,
+            group_by_modality_length=grouped,
+            group_batches=2,
         )
         loader = CountingLoader(stream, SkipTally(), num_workers=2)
         batches = list(loader)
@@ -85,6 +100,110 @@ def test_training_stream_is_reproducible_for_a_seed(demo):
         return [i for b in training_stream(demo, demo.sources("train"), batches=3) for i in b["id"]]
 
     assert ids() == ids()
+
+
+def toy_example(index: int, length: int, image: bool) -> dict:
+    """An encoded example of ``length`` tokens, with a 1-pixel image or text-only."""
+    pixels = torch.zeros(3, 1, 1, dtype=torch.uint8) if image else None
+    return {"input_ids": torch.zeros(length, dtype=torch.long), "pixel_values": pixels, "id": index}
+
+
+def expected_groups(examples: list[dict], batch_size: int, group_batches: int) -> list[tuple]:
+    """Reference grouping by rounds: whenever ``batch_size · group_batches`` examples are pending, each modality's
+    oldest whole batches' worth of examples, sorted by (length, arrival), are cut into batches and the rest stays
+    pending; the stream's end cuts everything (last batches smaller)."""
+
+    def cut(pending: list[dict], whole: bool) -> tuple[list[tuple], list[dict]]:
+        groups, kept = [], []
+        for image in (True, False):
+            same = [e for e in pending if (e["pixel_values"] is not None) == image]
+            count = len(same) - len(same) % batch_size if whole else len(same)
+            ordered = sorted(same[:count], key=lambda e: (len(e["input_ids"]), e["id"]))
+            groups += [tuple(e["id"] for e in ordered[i : i + batch_size]) for i in range(0, count, batch_size)]
+            kept += same[count:]
+        return groups, kept
+
+    groups, pending = [], []
+    for example in examples:
+        pending.append(example)
+        if len(pending) == batch_size * group_batches:
+            done, pending = cut(pending, whole=True)
+            groups += done
+    return groups + cut(pending, whole=False)[0]
+
+
+def test_grouper_emits_sorted_single_modality_batches_of_each_buffer():
+    rng = random.Random(0)
+    examples = [toy_example(i, rng.randint(1, 500), rng.random() < 0.7) for i in range(203)]
+    grouper = ModalityLengthGrouper(group_batches=3, rng=random.Random(1))
+    groups = list(grouper(iter(examples), 4))
+    assert sorted(tuple(e["id"] for e in g) for g in groups) == sorted(expected_groups(examples, 4, 3))
+    assert all(len({e["pixel_values"] is None for e in g}) == 1 for g in groups)
+    images = [any(e["pixel_values"] is not None for e in g) for g in groups]
+    assert images != sorted(images) and images != sorted(images, reverse=True)  # modalities interleave
+
+
+def test_grouper_holds_a_bounded_number_of_examples():
+    batch_size, group_batches = 4, 3
+    consumed = 0
+
+    def stream():
+        nonlocal consumed
+        rng = random.Random(0)
+        for index in range(2000):
+            consumed += 1
+            yield toy_example(index, rng.randint(1, 500), rng.random() < 0.9)
+
+    emitted, most_held = 0, 0
+    for group in ModalityLengthGrouper(group_batches, random.Random(1))(stream(), batch_size):
+        most_held = max(most_held, consumed - emitted)
+        emitted += len(group)
+    assert emitted == consumed == 2000
+    assert most_held <= batch_size * group_batches
+
+
+def test_grouper_rejects_an_empty_buffer():
+    with pytest.raises(ValueError, match="group_batches must be at least 1"):
+        ModalityLengthGrouper(group_batches=0, rng=random.Random(0))
+
+
+def padding_fraction(batches: list[dict]) -> float:
+    """Pad tokens / all tokens of the batches."""
+    masks = [b["attention_mask"] for b in batches]
+    return 1 - sum(int(m.sum()) for m in masks) / sum(m.numel() for m in masks)
+
+
+def varied_sources(directory: str) -> dict:
+    """Three sources of 60 samples with 1-60 word questions: images only, text only, and half of each."""
+    rng = random.Random(0)
+    kinds = {"image": lambda i: True, "text": lambda i: False, "both": lambda i: i % 2 == 0}
+    sources = {}
+    for name, image in kinds.items():
+        samples = [record(i, " ".join(["what"] * rng.randint(1, 60)), "a cat", image=image(i)) for i in range(60)]
+        sources[name] = {"urls": write_source(directory, name, samples, maxcount=20)}
+    return sources
+
+
+def test_grouped_stream_keeps_the_weights_and_pads_less(demo, tmp_path):
+    weights = {"image": 6.0, "text": 1.0, "both": 1.0}  # text-only samples: 1/8 + 1/16 of the stream, a minority
+    sources = {name: dict(config, weight=weights[name]) for name, config in varied_sources(str(tmp_path)).items()}
+    runs = {}
+    for grouped in (False, True):
+        stream = training_stream(
+            demo, sources, batches=150, batch_size=8, group_by_modality_length=grouped, group_batches=8
+        )
+        runs[grouped] = list(CountingLoader(stream, SkipTally()))
+    batches = runs[True]
+    assert len(batches) == 150 and all(len(b["id"]) == 8 for b in batches)
+    assert all(b["has_image"].all() or not b["has_image"].any() for b in batches)
+    counts = Counter(s for b in batches for s in b["source"])
+    total = sum(counts.values())
+    shares = {name: counts[name] / total for name in weights}
+    shares["text-only"] = 1 - sum(int(b["has_image"].sum()) for b in batches) / total
+    for name, expected in {"image": 0.75, "text": 0.125, "both": 0.125, "text-only": 0.1875}.items():
+        standard_error = (expected * (1 - expected) / total) ** 0.5  # binomial, 1200 samples
+        assert abs(shares[name] - expected) < 3 * standard_error, (name, shares)
+    assert padding_fraction(batches) < padding_fraction(runs[False]) / 2
 
 
 def test_split_for_reader_covers_every_item_once():

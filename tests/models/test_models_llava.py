@@ -188,3 +188,31 @@ def test_greedy_generation_with_cache_equals_without_cache(tokenizer_with_image)
     out = model.generate(pv, ids, mask, max_new_tokens=steps, do_sample=False, eos_token_id=None, pad_token_id=3)
     assert out.shape == ref.shape
     assert torch.equal(out, ref)
+
+
+def test_uint8_pixels_are_normalised_in_the_model_like_float_images(tokenizer_with_image, make_batch):
+    """The DataModule sends uint8 pixels; the model normalises them with the tower's mean and std. Reference: the
+    same PIL images through torchvision's ``to_tensor`` + ``normalize`` (the float images users passed before)."""
+    import numpy as np
+    from PIL import Image
+    from torchvision.transforms.functional import normalize, to_tensor
+
+    model = _tiny_model(tokenizer_with_image, mole=MOLE).eval()
+    tower = model.vision_tower
+    gen = np.random.default_rng(0)
+    images = [Image.fromarray((gen.random((32, 32, 3)) * 255).astype(np.uint8)) for _ in range(2)]
+    pixels = torch.stack([torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1) for image in images])
+    floats = torch.stack([normalize(to_tensor(image), tower.image_mean, tower.image_std) for image in images])
+    assert pixels.dtype == torch.uint8
+    torch.testing.assert_close(model.vision_input(pixels), floats, rtol=1e-6, atol=1e-6)
+    assert model.vision_input(floats) is floats  # float images are used as given
+
+    batch = make_batch(model.image_token_id, text_only_second=False)
+    with torch.no_grad():
+        from_uint8 = model(batch["input_ids"], batch["attention_mask"], pixels, batch["labels"])
+        from_float = model(batch["input_ids"], batch["attention_mask"], floats, batch["labels"])
+    torch.testing.assert_close(from_uint8.logits, from_float.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(from_uint8.loss, from_float.loss, rtol=1e-5, atol=1e-5)
+    prompt = batch["input_ids"][:, :20], batch["attention_mask"][:, :20]
+    options = dict(max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=3)
+    assert torch.equal(model.generate(pixels, *prompt, **options), model.generate(floats, *prompt, **options))

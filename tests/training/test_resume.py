@@ -40,7 +40,7 @@ def run_demo(workdir: Path, *extra: str) -> subprocess.Popen:
         f"--trainer.callbacks+={json.dumps(recorder)}",
         *extra,
     ]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=f"{ROOT / 'src'}:{ROOT}", OMP_NUM_THREADS="1")
     log = open(workdir / "log.txt", "a")  # noqa: SIM115 (closed by finish())
     return subprocess.Popen(command, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT)
 
@@ -51,19 +51,20 @@ def finish(process: subprocess.Popen, workdir: Path, expect: int = 0) -> None:
 
 
 @pytest.mark.slow
-def test_killed_and_resumed_demo_run_matches_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("data", [[], ["--data.group_by_modality_length=true"]], ids=["consecutive", "grouped"])
+def test_killed_and_resumed_demo_run_matches_an_uninterrupted_run(tmp_path, data):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     make_demo_data(str(straight / "demo_data"), train=40, val=8, seed=0, maxcount=20)
     shutil.copytree(straight / "demo_data", killed / "demo_data")
 
-    reference = run_demo(straight)
+    reference = run_demo(straight, *data)
     kill = {"class_path": "tests.training.recorders.KillAt", "init_args": {"step": KILL_AFTER}}
-    interrupted = run_demo(killed, f"--trainer.callbacks+={json.dumps(kill)}")
+    interrupted = run_demo(killed, *data, f"--trainer.callbacks+={json.dumps(kill)}")
     finish(interrupted, killed, expect=-signal.SIGKILL)
     assert sorted(read_losses(killed)) == list(range(1, KILL_AFTER + 1))
     assert (killed / "runs" / "demo" / "checkpoints" / "last.ckpt").exists()
 
-    finish(run_demo(killed, "--ckpt_path", "last"), killed)
+    finish(run_demo(killed, *data, "--ckpt_path", "last"), killed)
     finish(reference, straight)
 
     expected, got = read_losses(straight), read_losses(killed)

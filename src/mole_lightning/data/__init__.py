@@ -3,9 +3,11 @@
 Public API:
 
 * :func:`encode_conversation` / :func:`encode_prompt` -- conversation → ``input_ids`` (+ ``labels``).
-* :class:`ImageProcessor` -- image bytes → normalized tower input (``pad`` / ``resize`` / ``crop``).
+* :class:`ImageProcessor` -- image bytes → uint8 square pixels or normalized tower input (``pad`` / ``resize`` /
+  ``crop``).
 * :func:`collate` / :class:`Collator` -- padded batch dicts (right for training, left for generation).
-* :class:`MixedInstructionDataModule` -- weighted multi-source webdataset training, per-source validation.
+* :class:`MixedInstructionDataModule` -- weighted multi-source webdataset training, per-source validation;
+  :class:`ModalityLengthGrouper` -- batches of one modality and similar lengths (``group_by_modality_length``).
 * :class:`ShardWriter`, :func:`write_samples` -- write ``<source>-%06d.tar`` shards with ``sizes.json``.
 * :func:`make_demo_data` -- synthetic ``general``/``doc``/``med`` shards and a demo tokenizer.
 """
@@ -14,7 +16,13 @@ from mole_lightning.data.collate import Collator, collate, pad_token_id_of
 from mole_lightning.data.datamodule import MixedInstructionDataModule
 from mole_lightning.data.demo import DemoData, make_demo_data
 from mole_lightning.data.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageProcessor, to_rgb
-from mole_lightning.data.pipeline import SKIPPED_KEY, CountingLoader, MixedTrainingStream, SourceEvalStream
+from mole_lightning.data.pipeline import (
+    SKIPPED_KEY,
+    CountingLoader,
+    MixedTrainingStream,
+    ModalityLengthGrouper,
+    SourceEvalStream,
+)
 from mole_lightning.data.samples import SampleEncoder
 from mole_lightning.data.shards import ShardWriter, expand_urls, write_samples
 from mole_lightning.data.templates import (
@@ -38,6 +46,7 @@ __all__ = [
     "ImageProcessor",
     "MixedInstructionDataModule",
     "MixedTrainingStream",
+    "ModalityLengthGrouper",
     "SampleEncoder",
     "ShardWriter",
     "SourceEvalStream",

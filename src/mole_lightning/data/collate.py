@@ -5,8 +5,9 @@ at the same position for every row. Keys:
 
 * ``input_ids`` LongTensor (B, L), ``labels`` LongTensor (B, L) (``-100`` on padding), ``attention_mask``
   LongTensor (B, L);
-* ``pixel_values`` FloatTensor (M, 3, H, W): the images of the M samples with ``has_image``, in batch order, or
-  ``None`` when no sample has one; ``has_image`` BoolTensor (B,);
+* ``pixel_values`` (M, 3, H, W): the images of the M samples with ``has_image``, in batch order, or ``None`` when
+  no sample has one, in the samples' dtype (uint8 pixels from the encoder; the model normalizes them, see
+  :func:`mole_lightning.pixels.normalize_pixels`); ``has_image`` BoolTensor (B,);
 * ``source`` list[str], ``id`` list[str];
 * generation mode also ``answers`` list[list[str]], ``task`` list[str | None], ``question`` list[str],
   ``options`` list[list[str] | None].
@@ -66,7 +67,7 @@ def collate(samples: Sequence[dict[str, Any]], pad_token_id: int, padding_side: 
         "input_ids": input_ids,
         "labels": labels,
         "attention_mask": attention_mask.long(),
-        "pixel_values": torch.stack(images).float() if images else None,
+        "pixel_values": torch.stack(images) if images else None,
         "has_image": has_image,
         "source": [str(s.get("source", "")) for s in samples],
         "id": [str(s.get("id", "")) for s in samples],

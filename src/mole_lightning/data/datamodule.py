@@ -73,7 +73,10 @@ class MixedInstructionDataModule(pl.LightningDataModule):
     """Weighted mixture of instruction-data sources (webdataset shards) with per-source validation.
 
     Training: every sample's source is drawn with probability ∝ its weight (the paper's λ_m) from resampled
-    per-source shard streams; every rank yields the same number of batches per epoch. Validation: one finite,
+    per-source shard streams; every rank yields the same number of batches per epoch. With
+    ``group_by_modality_length`` each batch holds samples of one modality (image or text-only) and similar length,
+    taken from a bounded per-worker buffer (see :class:`~mole_lightning.data.pipeline.ModalityLengthGrouper`), which
+    cuts the padding; the mixture, the batch count and the seeding stay the same. Validation: one finite,
     in-order pipeline per source, so metrics can be reported per source (``val_source_names`` gives the order of
     ``val_dataloader()``'s list). Skipped samples are counted per ``kind/source`` in the workers, carried inside
     each batch under ``"skipped"`` and accumulated by the loaders in the main process: read them with
@@ -103,6 +106,10 @@ class MixedInstructionDataModule(pl.LightningDataModule):
             ``"generate"``: prompts only with ``answers`` (left padding).
         pin_memory: Pin batch memory in the loaders.
         persistent_workers: Keep training workers alive between epochs.
+        group_by_modality_length: Training batches within one modality and of similar lengths (LLaVA's option of
+            the same name), sorted inside a buffer of ``batch_size · group_batches`` encoded samples per worker.
+        group_batches: Batches per buffer for ``group_by_modality_length`` (≥ 1; larger pads less and holds more
+            samples in each worker: up to ``batch_size · group_batches``).
     """
 
     def __init__(
@@ -128,6 +135,8 @@ class MixedInstructionDataModule(pl.LightningDataModule):
         val_mode: str = "loss",
         pin_memory: bool = False,
         persistent_workers: bool = False,
+        group_by_modality_length: bool = False,
+        group_batches: int = 32,
     ) -> None:
         super().__init__()
         if template not in TEMPLATES:
@@ -138,6 +147,8 @@ class MixedInstructionDataModule(pl.LightningDataModule):
             raise ValueError(f"val_mode must be 'loss' or 'generate', got {val_mode!r}")
         if not sources:
             raise ValueError("at least one training source is needed")
+        if group_batches < 1:
+            raise ValueError(f"group_batches must be at least 1, got {group_batches}")
         self.save_hyperparameters()
         self.sources = sources
         self.val_sources = val_sources or {}
@@ -159,6 +170,8 @@ class MixedInstructionDataModule(pl.LightningDataModule):
         self.val_mode = val_mode
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers
+        self.group_by_modality_length = group_by_modality_length
+        self.group_batches = group_batches
         self.tally = SkipTally()
         self.rank: int | None = None
         self.world_size: int | None = None
@@ -255,6 +268,8 @@ class MixedInstructionDataModule(pl.LightningDataModule):
             seed=self.seed,
             rank=rank,
             world_size=world_size,
+            group_by_modality_length=self.group_by_modality_length,
+            group_batches=self.group_batches,
         )
 
     def _loader(self, dataset: Any, persistent: bool = False) -> CountingLoader:

@@ -22,6 +22,8 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2.functional import InterpolationMode, resize
 
+from mole_lightning.pixels import normalize_pixels
+
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 ASPECTS = ("pad", "resize", "crop")
@@ -61,7 +63,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 class ImageProcessor:
-    """Decodes image bytes and turns them into a normalized ``(3, image_size, image_size)`` float tensor.
+    """Decodes image bytes into the tower's square input: uint8 pixels (:meth:`pixels`) or, normalized, a float tensor.
+
+    Calling the processor gives the normalized ``(3, image_size, image_size)`` float32 tensor
+    ``(x / 255 − mean) / std``; the training pipeline sends :meth:`pixels` (uint8) and the model normalizes on its
+    device (:func:`mole_lightning.pixels.normalize_pixels`, the same formula).
 
     Args:
         image_size: Side of the square tower input (336 for ViT-L/14-336).
@@ -84,8 +90,6 @@ class ImageProcessor:
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
         self.fill = tuple(int(m * 255) for m in self.mean)  # truncated, as LLaVA's expand2square
-        self._scale = torch.tensor([1.0 / (255.0 * s) for s in self.std]).view(3, 1, 1)
-        self._negative_shift = torch.tensor([-m / s for m, s in zip(self.mean, self.std)]).view(3, 1, 1)
 
     def _target_size(self, width: int, height: int) -> tuple[int, int]:
         size = self.image_size
@@ -127,10 +131,14 @@ class ImageProcessor:
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """``(3, H, W)`` uint8 pixels → float32 tensor, ``(x / 255 - mean) / std``."""
-        return torch.addcmul(self._negative_shift, pixels.float(), self._scale)  # one fused pass: x*scale - shift
+        return normalize_pixels(pixels, self.mean, self.std)
 
-    def __call__(self, image: bytes | Image.Image) -> torch.Tensor:
-        """Processes encoded bytes or a PIL image into the tower's normalized input tensor."""
+    def pixels(self, image: bytes | Image.Image) -> torch.Tensor:
+        """Encoded bytes or a PIL image → the ``(3, image_size, image_size)`` uint8 pixels (not normalized)."""
         if isinstance(image, (bytes, bytearray, memoryview)):
             image = self.decode(bytes(image))
-        return self.normalize(self.to_square(image))
+        return self.to_square(image)
+
+    def __call__(self, image: bytes | Image.Image) -> torch.Tensor:
+        """Processes encoded bytes or a PIL image into the tower's normalized float32 input tensor."""
+        return self.normalize(self.pixels(image))

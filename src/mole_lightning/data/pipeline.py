@@ -4,7 +4,8 @@ Training (:class:`MixedTrainingStream`), run inside each DataLoader worker::
 
     per source: resampled shards (seeded by seed, rank, worker, epoch) → tar samples (webdataset)
     → weighted random choice of a source per sample (the mixing weights λ_m)
-    → shuffle buffer → decode + template + tokenize + image processing → batches → ``with_epoch``-style limit
+    → shuffle buffer → decode + template + tokenize + image processing
+    → batches (consecutive, or grouped by modality and length) → ``with_epoch``-style limit
 
 Every worker yields exactly ``batches_per_worker`` batches, so every rank yields the same number of batches (no DDP
 hang at epoch end). The mixing is ``wds.RandomMix``'s over resampled per-source streams, with a seeded generator and
@@ -201,6 +202,90 @@ def encode_samples(
             counter.add(error.kind, source)
 
 
+def consecutive_groups(examples: Iterator[dict[str, Any]], batch_size: int) -> Iterator[list[dict[str, Any]]]:
+    """Consecutive groups of ``batch_size`` examples, in stream order; the last group may be smaller."""
+    group: list[dict[str, Any]] = []
+    for example in examples:
+        group.append(example)
+        if len(group) == batch_size:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+def example_length(example: dict[str, Any]) -> int:
+    """Tokens of an encoded example (image placeholders included)."""
+    return len(example["input_ids"])
+
+
+def has_image(example: dict[str, Any]) -> bool:
+    """Whether an encoded example carries an image."""
+    return example.get("pixel_values") is not None
+
+
+class ModalityLengthGrouper:
+    """Groups examples into batches of one modality (image or text-only) and similar length (LLaVA's
+    ``group_by_modality_length``, over a stream instead of an index list).
+
+    Examples collect in a buffer of ``batch_size · group_batches`` (both modalities together). When it is full, each
+    modality's examples are sorted by length (stable, so equal lengths keep their shuffled order) and cut into full
+    batches, which leave in random order, so the modalities and the length ranges interleave; the newest
+    ``count mod batch_size`` examples of each modality stay for the next round, so a rare modality waits only until
+    it fills one batch. Because the buffer fills in the proportions of the stream, the examples held when a worker's
+    epoch is cut off are a sample of the mixture (plus fewer than ``batch_size`` of each modality), and the source
+    and modality proportions of the emitted batches are those of the stream. At most ``batch_size · group_batches``
+    examples are held. A finite stream ends by emitting everything (the last batch of each modality may be smaller).
+
+    Padding: a batch pads every row to its longest one, pad tokens = Σ_rows (max length − length); sorting a buffer
+    makes each batch a run of neighbouring lengths, so the padding shrinks as the buffer grows.
+
+    Args:
+        group_batches: Batches per buffer (N); larger buffers pad less and hold more examples.
+        rng: Random generator for the batch order (seeded per worker and epoch, so grouping is reproducible).
+    """
+
+    def __init__(self, group_batches: int, rng: random.Random) -> None:
+        if group_batches < 1:
+            raise ValueError(f"group_batches must be at least 1, got {group_batches}")
+        self.group_batches = group_batches
+        self.rng = rng
+
+    @staticmethod
+    def sorted_batches(
+        examples: list[dict[str, Any]], batch_size: int, keep_remainder: bool = True
+    ) -> tuple[list[list[dict[str, Any]]], list[dict[str, Any]]]:
+        """Per modality, the examples sorted by length and cut into batches of ``batch_size``.
+
+        Returns:
+            ``(batches, kept)``: with ``keep_remainder`` the newest ``count mod batch_size`` examples of each
+            modality are kept (in arrival order) instead of forming a smaller batch.
+        """
+        batches: list[list[dict[str, Any]]] = []
+        kept: list[dict[str, Any]] = []
+        for image in (True, False):
+            same = [example for example in examples if has_image(example) == image]
+            count = len(same) - len(same) % batch_size if keep_remainder else len(same)
+            batches.extend(consecutive_groups(iter(sorted(same[:count], key=example_length)), batch_size))
+            kept.extend(same[count:])
+        return batches, kept
+
+    def __call__(self, examples: Iterator[dict[str, Any]], batch_size: int) -> Iterator[list[dict[str, Any]]]:
+        """Yields the batches (lists of examples) of ``examples``."""
+        capacity = batch_size * self.group_batches
+        buffer: list[dict[str, Any]] = []
+        for example in examples:
+            buffer.append(example)
+            if len(buffer) < capacity:
+                continue
+            batches, buffer = self.sorted_batches(buffer, batch_size)
+            self.rng.shuffle(batches)
+            yield from batches
+        batches, _ = self.sorted_batches(buffer, batch_size, keep_remainder=False)
+        self.rng.shuffle(batches)
+        yield from batches
+
+
 def batch_examples(
     examples: Iterator[dict[str, Any]],
     batch_size: int,
@@ -208,6 +293,7 @@ def batch_examples(
     counter: SkipCounter,
     max_batches: int | None = None,
     partial: bool = True,
+    grouper: Callable[[Iterator[dict[str, Any]], int], Iterator[list[dict[str, Any]]]] = consecutive_groups,
 ) -> Iterator[dict[str, Any]]:
     """Groups examples into collated batches with the skip-count delta under ``"skipped"``.
 
@@ -217,27 +303,24 @@ def batch_examples(
         collate_fn: Collation function.
         counter: The worker's skip counter.
         max_batches: Stop after this many batches (the per-worker epoch length).
-        partial: Yield a last, smaller batch at the end of a finite stream; then, if samples were skipped after
-            it, yield a count-only ``{"skipped": ...}`` item (dropped by :class:`CountingLoader`).
+        partial: Yield smaller batches at the end of a finite stream (else drop them); then, if samples were
+            skipped after the last batch, yield a count-only ``{"skipped": ...}`` item (dropped by
+            :class:`CountingLoader`).
+        grouper: ``(examples, batch_size) → lists of examples``: :func:`consecutive_groups` (stream order) or a
+            :class:`ModalityLengthGrouper`.
     """
     produced = 0
-    buffer: list[dict[str, Any]] = []
     if max_batches is not None and max_batches <= 0:
         return
-    for example in examples:
-        buffer.append(example)
-        if len(buffer) == batch_size:
-            batch = collate_fn(buffer)
-            buffer = []
-            batch[SKIPPED_KEY] = counter.pop_delta()
-            yield batch
-            produced += 1
-            if max_batches is not None and produced >= max_batches:
-                return
-    if buffer and partial:
-        batch = collate_fn(buffer)
+    for group in grouper(examples, batch_size):
+        if len(group) < batch_size and not partial:
+            continue
+        batch = collate_fn(group)
         batch[SKIPPED_KEY] = counter.pop_delta()
         yield batch
+        produced += 1
+        if max_batches is not None and produced >= max_batches:
+            return
     delta = counter.pop_delta()
     if delta:
         yield {SKIPPED_KEY: delta}
@@ -262,6 +345,9 @@ class MixedTrainingStream(IterableDataset):
         seed: Base seed.
         rank: Global rank of this process.
         world_size: Number of ranks.
+        group_by_modality_length: Batch within one modality and similar lengths (:class:`ModalityLengthGrouper`)
+            instead of consecutive examples.
+        group_batches: Batches per grouping buffer.
     """
 
     def __init__(
@@ -276,6 +362,8 @@ class MixedTrainingStream(IterableDataset):
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        group_by_modality_length: bool = False,
+        group_batches: int = 32,
     ) -> None:
         super().__init__()
         self.sources = {name: {"urls": list(c["urls"]), "weight": float(c["weight"])} for name, c in sources.items()}
@@ -288,6 +376,10 @@ class MixedTrainingStream(IterableDataset):
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
+        self.group_by_modality_length = group_by_modality_length
+        self.group_batches = group_batches
+        if group_by_modality_length and group_batches < 1:
+            raise ValueError(f"group_batches must be at least 1, got {group_batches}")
         self.epoch = 0  # bumped by CountingLoader in the main process before workers start
         self._iterations = 0  # bumped in the worker's copy (persistent workers)
 
@@ -310,8 +402,17 @@ class MixedTrainingStream(IterableDataset):
                 mixed, bufsize=self.shuffle_buffer, initial=self.shuffle_buffer, rng=random.Random(base)
             )
         examples = encode_samples(mixed, self.encoder, counter)
+        grouper = consecutive_groups
+        if self.group_by_modality_length:
+            grouper = ModalityLengthGrouper(self.group_batches, random.Random(stream_seed(base, "group")))
         yield from batch_examples(
-            examples, self.batch_size, self.collate_fn, counter, max_batches=self.batches_per_worker, partial=False
+            examples,
+            self.batch_size,
+            self.collate_fn,
+            counter,
+            max_batches=self.batches_per_worker,
+            partial=False,
+            grouper=grouper,
         )
 
 
@@ -426,10 +527,12 @@ __all__ = [
     "SKIPPED_KEY",
     "CountingLoader",
     "MixedTrainingStream",
+    "ModalityLengthGrouper",
     "SkipCounter",
     "SkipTally",
     "SourceEvalStream",
     "batches_per_worker",
+    "consecutive_groups",
     "mix_sources",
     "read_shard",
     "resampled_samples",

@@ -127,8 +127,8 @@ class SampleEncoder:
             source: Name of the source the sample came from (reported in the batch and in skip counts).
 
         Returns:
-            Dict with ``input_ids``, ``labels`` (LongTensor (L,)), ``pixel_values`` (FloatTensor (3, S, S) or
-            ``None``), ``source``, ``id``; in generate mode also ``answers``, ``task``, ``question``.
+            Dict with ``input_ids``, ``labels`` (LongTensor (L,)), ``pixel_values`` (uint8 (3, S, S), not
+            normalized, or ``None``), ``source``, ``id``; in generate mode also ``answers``, ``task``, ``question``.
 
         Raises:
             BadSampleError: With the reason as ``kind``.
@@ -164,7 +164,7 @@ class SampleEncoder:
         pixel_values = None
         if image_bytes is not None:
             try:
-                pixel_values = self.image_processor(image_bytes)
+                pixel_values = self.image_processor.pixels(image_bytes)
             except Exception as error:  # PIL raises many types for corrupt data
                 raise BadSampleError("corrupt_image", f"{type(error).__name__}: {error}") from None
         example["pixel_values"] = pixel_values

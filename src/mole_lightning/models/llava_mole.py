@@ -2,7 +2,8 @@
 
 Data flow for a batch of B samples, M of which carry an image (text-only samples have none)::
 
-    pixel_values (M, 3, S, S) ── vision tower (frozen, layer -2, CLS dropped) ──> (M, N, D_v)
+    pixel_values (M, 3, S, S) ── uint8 only: (x/255 − mean)/std, on the device ──> float (M, 3, S, S)
+                                 ── vision tower (frozen, layer -2, CLS dropped) ──> (M, N, D_v)
                                  ── projector (trainable, mlp2x_gelu) ─────────> (M, N, D)
     input_ids (B, T) ── embed_tokens ──> (B, T, D); the M*N positions holding the image token id receive the
                                           projected features, in batch order (masked scatter)
@@ -23,6 +24,7 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
 from mole_lightning.models.vision import VisionTower
+from mole_lightning.pixels import normalize_pixels
 
 ROUTER_KEY = "router"
 """Substring that marks router parameters in the MoLE adapter's parameter names."""
@@ -273,16 +275,25 @@ class LlavaMoLE(nn.Module):
         """Projected image features.
 
         Args:
-            pixel_values: ``(M, 3, S, S)`` normalised images.
+            pixel_values: ``(M, 3, S, S)`` images: uint8 pixels (0..255, as the DataModule sends them), normalised
+                here on their device with the tower's mean and std, ``(x / 255 − mean) / std``; or float images
+                already normalised, used as given.
 
         Returns:
             ``(M, N, D)`` features in the projector's dtype (grad flows into the projector only).
         """
+        pixel_values = self.vision_input(pixel_values)
         features = self.vision_tower(pixel_values)  # (M, N, D_v), no grad
         proj_param = next(self.projector.parameters(), None)
         if proj_param is not None:
             features = features.to(proj_param.dtype)
         return self.projector(features)  # (M, N, D)
+
+    def vision_input(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The vision tower's input: uint8 pixels normalised with the tower's mean and std, float images unchanged."""
+        if pixel_values.dtype == torch.uint8:
+            return normalize_pixels(pixel_values, self.vision_tower.image_mean, self.vision_tower.image_std)
+        return pixel_values
 
     def image_token_mask(
         self,
