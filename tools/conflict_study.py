@@ -1,7 +1,7 @@
 """Miniature data-conflict study: does a sparse Mixture of LoRA Experts mitigate conflicts between domains?
 
 Compares, on synthetic domains with one instruction format and conflicting rules (see
-`mole_lightning.study.tasks`), from a tiny Llama pretrained in stage 0 (cached):
+`experiments.conflict_study.tasks`), from a tiny Llama pretrained in stage 0 (cached):
 single-domain LoRA, mixed LoRA, mixed LoRA with 2x samples, the parameter-matched dense LoRA (MLP rank K*r),
 mixed MoLE (gate/balance variants) and optionally a dense soft mixture; over several seeds, with learning curves,
 paired differences, steps-to-threshold and routing mutual information. Writes ``report.md``, ``results.json`` and
@@ -31,8 +31,12 @@ from typing import Any
 
 import numpy as np
 
-from mole_lightning.study.base import BaseConfig, pretrain_job
-from mole_lightning.study.methods import (
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:  # the study lives in experiments/ at the repository root, outside the installed package
+    sys.path.insert(0, REPO)
+
+from experiments.conflict_study.base import BaseConfig, pretrain_job  # noqa: E402
+from experiments.conflict_study.methods import (  # noqa: E402
     METHOD_KINDS,
     JobResult,
     JobSpec,
@@ -41,8 +45,8 @@ from mole_lightning.study.methods import (
     parse_variants,
     run_job,
 )
-from mole_lightning.study.report import build_summary, comparison_table, make_plots, markdown_report
-from mole_lightning.study.tasks import TaskConfig
+from experiments.conflict_study.report import build_summary, comparison_table, make_plots, markdown_report  # noqa: E402
+from experiments.conflict_study.tasks import TaskConfig  # noqa: E402
 
 DEFAULT_METHODS = "single,mix,mix2x,dense,mole"
 DEFAULT_MOLE_VARIANTS = "prob:switch:0.01,none:pooled:0.05"
@@ -241,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(path) as f:
             payload = json.load(f)
     elif args.multimodal:
-        from mole_lightning.study.multimodal import run_multimodal_study
+        from experiments.conflict_study.multimodal import run_multimodal_study
 
         payload = run_multimodal_study(args)
     else:

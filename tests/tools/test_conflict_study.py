@@ -1,5 +1,5 @@
-"""Tests of the data-conflict study: routing mutual information on hand-made counts, the task format, the
-parameter-matched baseline, and the ``--quick`` mode end to end."""
+"""Tests of the data-conflict study: routing mutual information on hand-made counts (the library's measures, as the
+study uses them), the task format, the parameter-matched baseline, and the ``--quick`` mode end to end."""
 
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from mole_lightning.study.metrics import entropy, mutual_information, steps_to_threshold, summarize
-from mole_lightning.study.tasks import IGNORE_INDEX, TaskConfig, domain_rules, make_domain_sets, make_samples
+from experiments.conflict_study.metrics import steps_to_threshold, summarize
+from experiments.conflict_study.tasks import TaskConfig, domain_rules, make_domain_sets, make_samples
+from mole_lightning.constants import IGNORE_INDEX
+from mole_lightning.eval.routing import mutual_information, source_entropy
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -34,7 +36,7 @@ def test_mi_independent_is_zero() -> None:
 def test_mi_perfect_dependence_is_domain_entropy() -> None:
     counts = np.diag([40, 40, 20])  # each domain always goes to its own expert
     h_domain = -(0.4 * math.log2(0.4) * 2 + 0.2 * math.log2(0.2))
-    assert entropy(counts.sum(1)) == pytest.approx(h_domain)
+    assert source_entropy(counts) == pytest.approx(h_domain)
     assert mutual_information(counts) == pytest.approx(h_domain)
     # two domains sharing one expert, the third alone: MI = H(expert) = H(0.5, 0.5)... computed by hand
     merged = np.array([[25, 0], [25, 0], [0, 50]])
@@ -50,6 +52,33 @@ def test_mi_partial_by_hand() -> None:
     assert mutual_information(counts) == pytest.approx(expected)
     # order of rows/columns does not matter, zero rows are ignored
     assert mutual_information(np.array([[10, 40], [0, 0], [40, 10]])) == pytest.approx(expected)
+
+
+def test_routing_summary_numbers_are_kept() -> None:
+    """The study's routing numbers come from `mole_lightning.eval.routing` and equal those of its former numpy
+    definitions (values recorded from them) up to float rounding."""
+    from experiments.conflict_study import report
+    from mole_lightning.eval import routing
+
+    assert report.mutual_information is routing.mutual_information
+    dom = [[120, 3, 40], [7, 88, 0], [15, 15, 60], [0, 0, 0]]
+    ans = [[30, 1, 9], [2, 20, 0], [4, 4, 12], [0, 0, 0]]
+    tok = [[50, 0, 1], [0, 40, 2], [3, 3, 30], [20, 20, 20], [0, 0, 0]]
+    result = {"method": "mole", "seed": 0, "routing": [{"domain": dom, "domain_answer": ans, "token": tok}]}
+    layer = report.routing_summary([result], num_domains=4)["mole"][0]["layers"][0]
+    expected = {
+        "mi_domain": 0.7047408364760828,
+        "mi_domain_answer": 0.6419252096147895,
+        "mi_token": 0.8151246453521882,
+        "h_domain": 1.5284442125131639,
+        "h_token": 1.9733442232385934,
+        "h_expert": 1.567054765587704,
+        "bias_domain": 0.008291350809706687,
+        "bias_token": 0.022899921283951803,
+    }
+    for key, value in expected.items():
+        assert layer[key] == pytest.approx(value, rel=1e-13, abs=1e-14), key
+    assert np.array_equal(layer["usage"], dom)
 
 
 def test_summary_and_threshold() -> None:
@@ -85,8 +114,8 @@ def test_task_format(setting: str) -> None:
 def test_dense_baseline_is_parameter_matched() -> None:
     from transformers import LlamaForCausalLM
 
-    from mole_lightning.study.base import BaseConfig, llama_config
-    from mole_lightning.study.methods import TrainConfig, adapt_model, adapter_counts, make_methods
+    from experiments.conflict_study.base import BaseConfig, llama_config
+    from experiments.conflict_study.methods import TrainConfig, adapt_model, adapter_counts, make_methods
 
     task = TaskConfig(num_domains=3, num_symbols=6, num_fonts=3, length=3)
     base = BaseConfig(hidden=16, layers=2, heads=2, ffn=32)
@@ -105,7 +134,7 @@ def test_dense_baseline_is_parameter_matched() -> None:
 
 
 def test_method_learning_rate_suffix() -> None:
-    from mole_lightning.study.methods import make_methods
+    from experiments.conflict_study.methods import make_methods
 
     specs = make_methods(
         ["mix", "dense@0.0025", "mole@1e-3"], 2, 3, [("prob", "switch", 0.01), ("none", "pooled", 0.05)]
@@ -171,7 +200,7 @@ def _result(method: str, seed: int, final: list[float], domain: int | None = Non
 
 
 def test_comparison_table_by_hand() -> None:
-    from mole_lightning.study.report import comparison_table
+    from experiments.conflict_study.report import comparison_table
 
     diag = {"domain": [[50, 0], [0, 50]], "domain_answer": [[10, 0], [0, 10]], "token": [[5, 5], [5, 5]]}
     results = []

@@ -14,7 +14,8 @@ with:
 With ``weighting="tokens"`` the joint distribution is the empirical one over all counted tokens (a source that
 contributes more tokens weighs more); ``weighting="uniform"`` gives every source the same weight
 (``p(s) = 1/S``, ``p(e|s)`` from its counts), which makes the score independent of how many samples each source
-had. ``MI = sum_{s,e} p(s,e) log2(p(s,e) / (p(s) p(e)))``.
+had. ``MI = sum_{s,e} p(s,e) log2(p(s,e) / (p(s) p(e)))`` (the plug-in estimate): :func:`mutual_information`,
+:func:`source_entropy` take count tables, :func:`entropy` a probability vector, as torch tensors or numpy arrays.
 
 :func:`plot_routing_heatmaps` draws one figure per group of layers (a source × expert heatmap per layer) and
 :func:`log_routing_to_tensorboard` writes the scores and heatmaps to a TensorBoard ``SummaryWriter``.
@@ -26,10 +27,13 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    import numpy as np
 
 TOKEN_TYPES = ("image", "text")
 SELECTIONS = ("all", "image", "text")
@@ -44,14 +48,14 @@ def layer_label(router_name: str, position: int) -> str:
 
 
 # ------------------------------------------------------------------------------------------- information measures
-def entropy(probabilities: torch.Tensor) -> float:
+def entropy(probabilities: torch.Tensor | np.ndarray) -> float:
     """Shannon entropy in bits of a probability vector (zeros ignored)."""
-    p = probabilities.double().flatten()
+    p = torch.as_tensor(probabilities).double().flatten()
     p = p[p > 0]
     return float(-(p * p.log2()).sum()) if p.numel() else 0.0
 
 
-def joint_distribution(counts: torch.Tensor, weighting: str = "tokens") -> torch.Tensor:
+def joint_distribution(counts: torch.Tensor | np.ndarray, weighting: str = "tokens") -> torch.Tensor:
     """``p(source, expert)`` from ``(S, K)`` token counts; sources without tokens are dropped under ``uniform``.
 
     Args:
@@ -63,7 +67,7 @@ def joint_distribution(counts: torch.Tensor, weighting: str = "tokens") -> torch
     """
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
-    counts = counts.double()
+    counts = torch.as_tensor(counts).double()
     if weighting == "tokens":
         total = counts.sum()
         return counts / total if total > 0 else counts
@@ -73,7 +77,7 @@ def joint_distribution(counts: torch.Tensor, weighting: str = "tokens") -> torch
     return rows / rows.sum(1, keepdim=True) / rows.shape[0]
 
 
-def mutual_information(counts: torch.Tensor, weighting: str = "tokens") -> float:
+def mutual_information(counts: torch.Tensor | np.ndarray, weighting: str = "tokens") -> float:
     """``MI(source; expert)`` in bits from ``(S, K)`` token counts.
 
     0 when the expert distribution is the same for every source; ``H(source)`` when each expert serves one source.
@@ -92,7 +96,7 @@ def mutual_information(counts: torch.Tensor, weighting: str = "tokens") -> float
     return max(float((joint[mask] * ratio.log2()).sum()), 0.0)
 
 
-def source_entropy(counts: torch.Tensor, weighting: str = "tokens") -> float:
+def source_entropy(counts: torch.Tensor | np.ndarray, weighting: str = "tokens") -> float:
     """``H(source)`` in bits under the same weighting (the largest possible MI)."""
     joint = joint_distribution(counts, weighting)
     return entropy(joint.sum(1)) if joint.numel() else 0.0

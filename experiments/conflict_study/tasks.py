@@ -28,11 +28,12 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from mole_lightning.constants import IGNORE_INDEX
+
 PAD, BOS, SEP, EOS = 0, 1, 2, 3
 NUM_SPECIAL = 4
 MAX_CUES = 16
 SETTINGS: tuple[str, ...] = ("style", "cue")
-IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from mole_lightning.study.metrics import entropy, mutual_information, mutual_information_bias, steps_to_threshold
-from mole_lightning.study.metrics import summarize as summarize_values
+from experiments.conflict_study.metrics import mutual_information_bias, steps_to_threshold
+from experiments.conflict_study.metrics import summarize as summarize_values
+from mole_lightning.eval.routing import mutual_information, source_entropy
 
 
 def assemble_curves(results: list[dict[str, Any]]) -> dict[str, dict[int, dict[str, np.ndarray]]]:
@@ -72,9 +73,9 @@ def routing_summary(results: list[dict[str, Any]], num_domains: int) -> dict[str
                     "mi_token": mutual_information(tok),
                     "bias_domain": mutual_information_bias(dom),
                     "bias_token": mutual_information_bias(tok),
-                    "h_domain": entropy(dom.sum(1)),
-                    "h_token": entropy(tok.sum(1)),
-                    "h_expert": entropy(dom.sum(0)),
+                    "h_domain": source_entropy(dom),
+                    "h_token": source_entropy(tok),
+                    "h_expert": source_entropy(dom.T),  # the expert marginal of the domain x expert table
                     "usage": dom,
                 }
             )

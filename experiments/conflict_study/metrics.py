@@ -1,6 +1,8 @@
-"""Statistics of the data-conflict study: mutual information of routing, seed summaries, steps-to-threshold.
+"""Statistics of the data-conflict study: the plug-in bias of routing mutual information, seed summaries,
+steps-to-threshold.
 
-Mutual information is the plug-in estimate from a contingency table of counts, in bits::
+Mutual information and entropy are the library's (`mole_lightning.eval.routing.mutual_information`,
+`mole_lightning.eval.routing.entropy`): the plug-in estimate in bits from a contingency table of counts::
 
     I(X; E) = sum_{x,e} p(x,e) log2( p(x,e) / (p(x) p(e)) ),      p = counts / total
 
@@ -22,39 +24,6 @@ _T975 = (
     2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
     2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
 )  # fmt: skip
-
-
-def entropy(counts: np.ndarray) -> float:
-    """Entropy in bits of the distribution given by non-negative ``counts`` (any shape, flattened)."""
-    counts = np.asarray(counts, dtype=np.float64).ravel()
-    total = counts.sum()
-    if total <= 0:
-        return 0.0
-    p = counts[counts > 0] / total
-    return float(-(p * np.log2(p)).sum())
-
-
-def mutual_information(counts: np.ndarray) -> float:
-    """Plug-in mutual information in bits of a (|X|, |E|) contingency table of counts.
-
-    Args:
-        counts: (X, E) non-negative counts; ``counts[x, e]`` = how often value x went to expert e.
-
-    Returns:
-        I(X; E) >= 0 in bits (0.0 for an empty table).
-    """
-    counts = np.asarray(counts, dtype=np.float64)
-    if counts.ndim != 2:
-        raise ValueError(f"expected a 2-D contingency table, got shape {counts.shape}")
-    total = counts.sum()
-    if total <= 0:
-        return 0.0
-    joint = counts / total  # (X, E)
-    px = joint.sum(1, keepdims=True)  # (X, 1)
-    pe = joint.sum(0, keepdims=True)  # (1, E)
-    nz = joint > 0
-    value = float((joint[nz] * np.log2(joint[nz] / (px @ pe)[nz])).sum())
-    return max(value, 0.0)
 
 
 def mutual_information_bias(counts: np.ndarray) -> float:

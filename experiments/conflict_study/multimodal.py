@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from mole_lightning.study.methods import MethodSpec, adapter_counts, make_methods, parse_variants
+from experiments.conflict_study.methods import MethodSpec, adapter_counts, make_methods, parse_variants
+from mole_lightning.data.demo import DEMO_SOURCES
 
-MM_SOURCES = ("general", "doc", "med")
 MM_LLM = {
     "hidden_size": 128,
     "intermediate_size": 256,
@@ -50,7 +50,7 @@ def _demo(cache_dir: str, per_source: int, val: int) -> Any:
         with open(marker, "w") as f:
             f.write("ok\n")
         return data
-    pattern = {s: f"{{split}}/{s}-000000.tar" for s in MM_SOURCES}
+    pattern = {s: f"{{split}}/{s}-000000.tar" for s in DEMO_SOURCES}
     return DemoData(
         root=root,
         tokenizer=os.path.join(root, "tokenizer"),
@@ -75,7 +75,7 @@ def run_mm_job(job: dict[str, Any]) -> dict[str, Any]:
     method: MethodSpec = job["method"]
     seed, per_source, batch = job["seed"], job["per_source"], job["batch"]
     data, tokenizer = job["data"], job["tokenizer"]
-    sources = list(MM_SOURCES) if job["source"] is None else [job["source"]]
+    sources = list(DEMO_SOURCES) if job["source"] is None else [job["source"]]
     n = per_source * method.data_mult
     steps_per_epoch = len(sources) * n // batch
     max_steps = steps_per_epoch * job["epochs"] * method.epoch_mult
@@ -179,12 +179,12 @@ def run_mm_job(job: dict[str, Any]) -> dict[str, Any]:
     return {
         "seed": seed,
         "method": method.name,
-        "domain": None if job["source"] is None else MM_SOURCES.index(job["source"]),
+        "domain": None if job["source"] is None else DEMO_SOURCES.index(job["source"]),
         "samples": samples,
         "steps": [step for step, _ in curve],
         "loss": loss.tolist(),
         "em": em.tolist(),
-        "domains": [MM_SOURCES.index(s) for s in sources],
+        "domains": [DEMO_SOURCES.index(s) for s in sources],
         "params": trainable,
         "activated": activated,
         "routing": [{k: np.asarray(v).tolist() for k, v in layer.items()} for layer in routing],
@@ -211,7 +211,7 @@ def run_multimodal_study(args: argparse.Namespace) -> dict[str, Any]:
     jobs = []
     for seed in seeds:
         for spec in specs:
-            for source in MM_SOURCES if spec.kind == "single" else [None]:
+            for source in DEMO_SOURCES if spec.kind == "single" else [None]:
                 jobs.append(
                     {
                         "method": spec,

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from mole_lightning.study.tasks import TaskConfig, make_samples
+from experiments.conflict_study.tasks import TaskConfig, make_samples
 
 BASE_CACHE_VERSION = 1
 

@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from experiments.conflict_study.base import BaseConfig, load_base, lr_factor
+from experiments.conflict_study.tasks import DomainSet, TaskConfig, domain_rules, make_domain_sets
 from mole_lightning.peft import MoLEConfig, apply_mole, collect_aux, iter_routers, routing_mask
-from mole_lightning.study.base import BaseConfig, load_base, lr_factor
-from mole_lightning.study.tasks import DomainSet, TaskConfig, domain_rules, make_domain_sets
 
 METHOD_KINDS: tuple[str, ...] = ("single", "mix", "mix2x", "mix_long", "dense", "mole", "soft")
 
