@@ -69,6 +69,7 @@ def run_mm_job(job: dict[str, Any]) -> dict[str, Any]:
     from mole_lightning.eval import GenerationEvalCallback
     from mole_lightning.peft import MoLEConfig
     from mole_lightning.training import ModelSpec, MoLELightningModule, WarmupCosineLR
+    from mole_lightning.training.callbacks import logged_source_metrics
 
     torch.set_num_threads(1)
     start = time.perf_counter()
@@ -123,7 +124,8 @@ def run_mm_job(job: dict[str, Any]) -> dict[str, Any]:
 
     class _Curve(Callback):
         def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-            curve.append((trainer.global_step, dict(pl_module.val_losses)))
+            losses, _ = logged_source_metrics(trainer.callback_metrics, "val")
+            curve.append((trainer.global_step, losses))
 
     gen_eval = GenerationEvalCallback(
         every_n_steps=None,
