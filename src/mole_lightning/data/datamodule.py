@@ -102,8 +102,6 @@ class MixedInstructionDataModule(pl.LightningDataModule):
         samples_per_epoch: Training samples per epoch over all ranks; ``None`` uses the total of the training
             shards' ``sizes.json`` files (local shards only).
         seed: Seed for shard resampling, mixing and shuffling.
-        val_mode: ``"loss"``: validation batches hold full conversations and labels (right padding);
-            ``"generate"``: prompts only with ``answers`` (left padding).
         pin_memory: Pin batch memory in the loaders.
         persistent_workers: Keep training workers alive between epochs.
         group_by_modality_length: Training batches within one modality and of similar lengths (LLaVA's option of
@@ -132,7 +130,6 @@ class MixedInstructionDataModule(pl.LightningDataModule):
         shuffle_buffer: int = 1000,
         samples_per_epoch: int | None = None,
         seed: int = 0,
-        val_mode: str = "loss",
         pin_memory: bool = False,
         persistent_workers: bool = False,
         group_by_modality_length: bool = False,
@@ -143,8 +140,6 @@ class MixedInstructionDataModule(pl.LightningDataModule):
             raise ValueError(f"unknown template {template!r}; known: {sorted(TEMPLATES)}")
         if image_aspect not in ASPECTS:
             raise ValueError(f"image_aspect must be one of {ASPECTS}, got {image_aspect!r}")
-        if val_mode not in ("loss", "generate"):
-            raise ValueError(f"val_mode must be 'loss' or 'generate', got {val_mode!r}")
         if not sources:
             raise ValueError("at least one training source is needed")
         if group_batches < 1:
@@ -167,7 +162,6 @@ class MixedInstructionDataModule(pl.LightningDataModule):
         self.shuffle_buffer = shuffle_buffer
         self.samples_per_epoch = samples_per_epoch
         self.seed = seed
-        self.val_mode = val_mode
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers
         self.group_by_modality_length = group_by_modality_length
@@ -306,9 +300,9 @@ class MixedInstructionDataModule(pl.LightningDataModule):
         return self._loader(dataset)
 
     def val_dataloader(self) -> list[CountingLoader]:
-        """One finite loader per validation source, in the order of :attr:`val_source_names`."""
-        mode = "generate" if self.val_mode == "generate" else "train"
-        return [self.source_loader(name, mode) for name in self.val_source_names]
+        """One finite loader per validation source, in the order of :attr:`val_source_names` (full conversations
+        with labels; generation batches come from :meth:`generation_dataloaders`)."""
+        return [self.source_loader(name, "train") for name in self.val_source_names]
 
     def test_dataloader(self) -> list[CountingLoader]:
         """Same as :meth:`val_dataloader` (``Trainer.test`` on the validation sources, one loader per source)."""

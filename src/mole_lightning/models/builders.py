@@ -21,7 +21,7 @@ from mole_lightning.constants import DEFAULT_IMAGE_TOKEN
 from mole_lightning.models.llava_mole import LlavaMoLE
 from mole_lightning.models.projector import build_projector
 from mole_lightning.models.vision import HFVisionTower, OpenCLIPVisionTower, VisionTower
-from mole_lightning.tokenization import add_image_token, load_tokenizer, prepare_tokenizer
+from mole_lightning.tokenization import add_image_token, load_tokenizer, prepare_tokenizer, require_local_path
 
 VisionKind = Literal["hf", "open_clip"]
 
@@ -214,6 +214,11 @@ def build_llava_mole(
     """
     from mole_lightning.models.loading import load_projector
 
+    for path, what in ((llm_path, "LLM folder"), (projector_path, "projector file")):
+        if path is not None:
+            require_local_path(path, what)
+    if vision == "hf" and vision_name_or_path is not None:
+        require_local_path(vision_name_or_path, "vision tower folder")
     if tokenizer is None and llm_path is not None:
         tokenizer = llm_path
     if isinstance(tokenizer, str):

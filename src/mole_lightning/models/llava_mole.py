@@ -217,15 +217,6 @@ class LlavaMoLE(nn.Module):
         """Classes of the LM decoder layers (FSDP wrapping / activation-checkpointing policies)."""
         return {type(layer) for layer in self.decoder_layers()}
 
-    def vision_layer_classes(self) -> set[type[nn.Module]]:
-        """Classes of the vision tower's transformer blocks (optional FSDP wrapping of the tower)."""
-        classes = set()
-        for module in self.vision_tower.modules():
-            if isinstance(module, nn.ModuleList) and len(module) > 0:
-                classes |= {type(block) for block in module}
-                break
-        return classes
-
     def gradient_checkpointing_enable(self) -> None:
         """Recompute each LM decoder layer in the backward pass (non-reentrant checkpointing)."""
         lm = self.language_model
@@ -447,14 +438,6 @@ class LlavaMoLE(nn.Module):
             return converted
 
         return super()._apply(convert, recurse)
-
-    def routing_statistics(self) -> dict[str, dict[str, Any]]:
-        """Per-layer routing statistics of the last forward (empty without MoLE)."""
-        if self.mole_config is None:
-            return {}
-        from mole_lightning.peft import routing_statistics
-
-        return routing_statistics(self.language_model)
 
     @torch.no_grad()
     def generate(

@@ -77,12 +77,22 @@ def load_projector(projector: nn.Module, path: str | os.PathLike) -> nn.Module:
         path: ``.bin``/``.pt`` (``torch.load(weights_only=True)``) or ``.safetensors`` file.
 
     Raises:
-        RuntimeError: missing, unexpected or mis-shaped keys (the message lists them).
+        ValueError: one line naming the file and its missing, unexpected or mis-shaped keys.
     """
     state = projector_state_dict_from(read_state_dict(path))
     ref = projector.state_dict()
-    state = {k: v.to(ref[k].dtype) if k in ref else v for k, v in state.items()}
-    projector.load_state_dict(state, strict=True)
+    missing, unexpected = sorted(set(ref) - set(state)), sorted(set(state) - set(ref))
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(ref[k].shape)}"
+        for k in ref
+        if k in state and state[k].shape != ref[k].shape
+    ]
+    if missing or unexpected or shapes:
+        problems = [f"missing {missing}"] * bool(missing) + [f"unexpected {unexpected[:6]}"] * bool(unexpected)
+        problems += [f"shapes (file vs projector): {shapes}"] * bool(shapes)
+        raise ValueError(f"projector file {str(path)!r} does not fit the {projector_name(projector)} projector: "
+                         + "; ".join(problems))  # fmt: skip
+    projector.load_state_dict({k: v.to(ref[k].dtype) for k, v in state.items()}, strict=True)
     return projector
 
 

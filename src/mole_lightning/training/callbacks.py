@@ -30,7 +30,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
-        """Save ``checkpoint`` to ``path`` atomically (local file systems)."""
+        """Save ``checkpoint`` to ``path`` atomically; remote URLs (``s3://``, ``gs://``...) go through fsspec
+        (Lightning's own writer: object stores make a finished upload visible at once)."""
+        if "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
