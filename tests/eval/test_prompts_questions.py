@@ -33,10 +33,19 @@ def test_prompt_not_added_twice():
     short = f"What is it?\n{SHORT_ANSWER_PROMPT}"
     assert apply_eval_prompt(short, "vqa") == short
     vizwiz = apply_eval_prompt("What is it?", "vqa", unanswerable=True)
-    assert vizwiz == (
-        "What is it?\nWhen the provided information is insufficient, respond with 'Unanswerable'. "
-        "Answer the question using a single word or phrase."
-    )
+    assert apply_eval_prompt(vizwiz, "vqa", unanswerable=True) == vizwiz
+
+
+# LLaVA-1.5's VizWiz question suffix (scripts/v1_5/eval/vizwiz.sh questions, read by model_vqa_loader.py), verbatim
+LLAVA_VIZWIZ_SUFFIX = (
+    "\nWhen the provided information is insufficient, respond with 'Unanswerable'."
+    "\nAnswer the question using a single word or phrase."
+)
+
+
+def test_vizwiz_prompt_is_llava_official():
+    assert apply_eval_prompt("What is it?", "vqa", unanswerable=True) == "What is it?" + LLAVA_VIZWIZ_SUFFIX
+    assert apply_eval_prompt("Is it on? ", "yesno", unanswerable=True) == "Is it on?" + LLAVA_VIZWIZ_SUFFIX
 
 
 def test_question_records_tasks_and_fields():

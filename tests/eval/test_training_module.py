@@ -1,20 +1,19 @@
-"""The callback and the prediction writer with the project's training LightningModule (skipped without it)."""
+"""The callback and the prediction writer with the project's training LightningModule."""
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import lightning.pytorch as pl
-import pytest
 
 from mole_lightning.eval import GenerationEvalCallback, JsonlPredictionWriter
+from mole_lightning.training import MoLELightningModule
 from tests.eval.conftest import make_datamodule
-
-training = pytest.importorskip("mole_lightning.training.module")
 
 
 def test_callback_and_writer_with_training_module(tmp_path, demo):
-    module = training.MoLELightningModule(tokenizer=demo.tokenizer, max_new_tokens=3)
+    module = MoLELightningModule(tokenizer=demo.tokenizer, max_new_tokens=3)
     callback = GenerationEvalCallback(every_n_steps=0, max_samples_per_source=3, max_new_tokens=3)
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -39,5 +38,7 @@ def test_callback_and_writer_with_training_module(tmp_path, demo):
     predictor = pl.Trainer(accelerator="cpu", callbacks=[JsonlPredictionWriter(str(out))], logger=False)
     predictor.predict(module, datamodule=make_datamodule(demo), return_predictions=False)
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
-    assert len(rows) == 30
+    assert len(rows) == 30  # the demo fixture: 10 validation samples in each of 3 sources
+    assert Counter(row["source"] for row in rows) == {"general": 10, "doc": 10, "med": 10}
+    assert len({(row["source"], row["id"]) for row in rows}) == 30
     assert all({"id", "source", "question", "answer", "prediction", "score"} <= set(row) for row in rows)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -126,6 +127,13 @@ def test_towers_are_frozen_and_stay_in_eval(open_clip_file):
 
 
 def test_wrong_image_size_is_a_clear_error():
+    tower = HFVisionTower.from_config(_clip_config())  # 32 px
+    with pytest.raises(ValueError, match=r"48\*48.*32\*32"):
+        tower(torch.randn(2, 3, 48, 48))
+
+
+def test_pixel_values_without_batch_or_channels_are_a_clear_error():
     tower = HFVisionTower.from_config(_clip_config())
-    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
-        tower(torch.randn(3, 32, 32))
+    for shape in [(3, 32, 32), (2, 1, 32, 32)]:
+        with pytest.raises(ValueError, match=r"\(B, 3, H, W\), got " + re.escape(str(shape))):
+            tower(torch.randn(*shape))

@@ -1,4 +1,4 @@
-"""`apply_mole` on transformers' own tiny Llama, Mistral, Qwen2 and LLaVA models; adapter state dicts; config checks."""
+"""`apply_mole` on tiny Llama, Mistral, Qwen2, Qwen3 and LLaVA models of transformers; adapter state dicts; configs."""
 
 import copy
 
@@ -187,5 +187,20 @@ def test_config_from_dict_names_unknown_fields():
     )
 
 
+# the families README.md promises `apply_mole` works on, with transformers' decoder layer class of each
+CLAIMED_FAMILIES = {
+    "llama": "LlamaDecoderLayer",
+    "mistral": "MistralDecoderLayer",
+    "qwen2": "Qwen2DecoderLayer",
+    "qwen3": "Qwen3DecoderLayer",
+}
+
+
 def test_all_tiny_families_available():
-    assert sorted(TINY_MODELS) == ["llama", "mistral", "qwen2"]
+    """The `tiny_lm` fixture runs every test above on each claimed family, built as that family's own model."""
+    assert set(TINY_MODELS) == set(CLAIMED_FAMILIES)
+    for family, layer_class in CLAIMED_FAMILIES.items():
+        model = TINY_MODELS[family]()
+        assert model.config.model_type == family
+        layers = list(model.model.layers)
+        assert len(layers) == 2 and all(type(layer).__name__ == layer_class for layer in layers)

@@ -10,6 +10,8 @@ from transformers import (
     MistralForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 TINY_LM = dict(
@@ -26,6 +28,7 @@ TINY_MODELS = {
     "llama": lambda: LlamaForCausalLM(LlamaConfig(**TINY_LM)),
     "mistral": lambda: MistralForCausalLM(MistralConfig(**TINY_LM, sliding_window=None)),
     "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**TINY_LM)),
+    "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**TINY_LM, head_dim=8)),
 }
 
 

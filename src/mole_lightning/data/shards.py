@@ -245,8 +245,9 @@ def convert_llava_records(
     Each record becomes ``{__key__: <9-digit index>, <ext>: image bytes (unchanged), json: record + source}``.
     Records are skipped (and reported, never silently) for: ``bad_record`` (not an object / no conversations
     list), conversation problems (``wrong_roles``, ``empty_text``, ``no_assistant_turn``,
-    ``bad_image_placeholder``), ``missing_image`` (``image`` file not found, or ``<image>`` without ``image``)
-    and, with ``verify_images``, ``corrupt_image``.
+    ``bad_image_placeholder``), ``missing_image`` (``image`` file not found, or ``<image>`` without ``image``),
+    ``multiple_images`` (an ``image`` list of more than one path; a one-element list is read as its path) and, with
+    ``verify_images``, ``corrupt_image``.
 
     Args:
         records: Parsed JSON records.
@@ -285,6 +286,12 @@ def convert_llava_records(
                 continue
             sample: dict[str, Any] = {"__key__": f"{index:09d}"}
             image = record.get("image")
+            if isinstance(image, (list, tuple)):  # LLaVA-style lists: one image per sample is supported
+                if len(image) > 1:
+                    skip("multiple_images", f"{len(image)} images; one image per sample is supported")
+                    continue
+                image = image[0] if image else None
+                record = {**record, "image": image}
             if image:
                 path = os.path.join(images_dir, str(image))
                 if not os.path.isfile(path):

@@ -19,7 +19,11 @@ from collections.abc import Sequence
 SHORT_ANSWER_PROMPT = "Answer the question using a single word or phrase."
 MULTIPLE_CHOICE_PROMPT = "Answer with the option's letter from the given choices directly."
 UNANSWERABLE_PROMPT = "When the provided information is insufficient, respond with 'Unanswerable'."
-"""VizWiz's extra instruction, placed before :data:`SHORT_ANSWER_PROMPT` (pass ``unanswerable=True``)."""
+"""VizWiz's extra instruction, on its own line before :data:`SHORT_ANSWER_PROMPT` (pass ``unanswerable=True``).
+
+LLaVA-1.5's VizWiz questions end with ``"\\nWhen the provided information is insufficient, respond with
+'Unanswerable'.\\nAnswer the question using a single word or phrase."``.
+"""
 
 TASK_PROMPTS: dict[str, str | None] = {
     "vqa": SHORT_ANSWER_PROMPT,
@@ -68,5 +72,5 @@ def apply_eval_prompt(
     if suffix is None or text.endswith(suffix):
         return text
     if unanswerable and task in ("vqa", "yesno") and UNANSWERABLE_PROMPT not in text:
-        suffix = f"{UNANSWERABLE_PROMPT} {suffix}"
+        suffix = f"{UNANSWERABLE_PROMPT}\n{suffix}"
     return f"{text}\n{suffix}"
