@@ -93,9 +93,13 @@ def main() -> None:
 
     module = MoLELightningModule(
         architecture=ModelSpec(preset="tiny"),
-        mole=MoLEConfig(num_experts=3, rank=4, alpha=8.0, balance_coef=0.01),
+        mole=MoLEConfig(num_experts=3, rank=4, alpha=8.0, dropout=0.0, balance_coef=0.0),  # no per-rank term
         optimizer=lambda params: torch.optim.AdamW(params, lr=3e-3),
     )
+    if args.devices == 1 and args.ckpt_path is None:  # the trainable tensors at init, for the test's movement check
+        module.configure_model()
+        initial = {n: p.detach().clone() for n, p in module.model.named_parameters() if p.requires_grad}
+        torch.save(initial, os.path.join(args.out, "init.pt"))
     from mole_lightning.models import tiny_tokenizer
 
     tokenizer = tiny_tokenizer()
