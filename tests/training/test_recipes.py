@@ -145,3 +145,20 @@ def test_qwen2_siglip_recipe_trains_on_its_stand_ins_with_the_chat_template_labe
         for begin, end in runs:  # each learned span: right after "<|im_start|>assistant\n", ends with <|im_end|>
             assert ids[begin - 1 - len(assistant)] == im_start and ids[begin - len(assistant) : begin] == assistant
             assert tokenizer.decode(ids[begin:end]).endswith("<|im_end|>")
+
+
+@pytest.mark.slow
+def test_documented_demo_on_fsdp2_cpu_saves_after_validation(tmp_path):
+    """``mole-train fit --config configs/demo.yaml --trainer configs/trainer/fsdp2_cpu.yaml`` as documented, made short:
+    a checkpoint written right after a validation pass (at the end of an epoch) under FSDP2 on 2 gloo processes."""
+    make_demo_data(str(tmp_path / "demo_data"), train=40, val=8, seed=0, maxcount=40)  # the config's relative paths
+    args = [
+        "fit", "--config", str(CONFIGS / "demo.yaml"), "--trainer", str(CONFIGS / "trainer" / "fsdp2_cpu.yaml"),
+        "--trainer.max_steps", "2", "--trainer.val_check_interval", "1", "--trainer.limit_val_batches", "1",
+        "--data.samples_per_epoch", "32", "--data.val_batch_size", "4", "--data.num_workers", "0",
+        "--checkpoint.every_n_train_steps", "null", "--checkpoint.every_n_epochs", "1",
+    ]  # fmt: skip
+    result = run([str(MOLE_TRAIN), *args], tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    state = torch.load(tmp_path / "runs/demo/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
+    assert state["global_step"] == 2 and state["optimizer_states"][0]["state"]
