@@ -179,6 +179,15 @@ def test_config_validation(field, value, message):
         MoLEConfig(**{field: value})
 
 
+def test_config_defaults_train_what_the_paper_trains():
+    config = MoLEConfig()
+    assert config.dropout == 0.05 and config.balance_coef > 0  # the paper's dropout; a router that learns
+    with pytest.raises(ValueError, match="gate='none' with balance_coef=0 never trains the router"):
+        MoLEConfig(gate="none", balance_coef=0.0)
+    MoLEConfig(gate="none", balance="pooled", balance_coef=0.05)  # the official sparse path
+    MoLEConfig(num_experts=1, gate="none", balance_coef=0.0)  # plain LoRA has no router to train
+
+
 def test_config_from_dict_names_unknown_fields():
     with pytest.raises(ValueError, match=r"unknown field\(s\) \['experts'\]"):
         MoLEConfig.from_dict({"experts": 3})

@@ -81,8 +81,6 @@ def test_recipe_runs_fit_validate_test_predict_export_on_hub_format_folders(reci
     assert bool(routers) == (recipe == "llava_mole_7b.yaml")
 
     subcommands = {"validate": "val/loss", "test": "test/loss", "predict": None}
-    if recipe == "llava_lora_7b.yaml":  # the same code path as the MoLE recipe: only predict, to keep the suite short
-        subcommands = {"predict": None}
     for subcommand, metric in subcommands.items():
         result = run([str(MOLE_TRAIN), subcommand, *args, "--ckpt_path", str(checkpoint)], tmp_path)
         assert result.returncode == 0, subcommand + result.stdout[-3000:] + result.stderr[-5000:]
