@@ -31,8 +31,8 @@ test-lmms: $(LMMS_STAMP)
 	$(LMMS_VENV)/bin/python -m pytest -q tests/eval/test_lmms_eval.py
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests tools
-	$(VENV)/bin/ruff format --check src tests tools
+	$(VENV)/bin/ruff check src tests tools experiments
+	$(VENV)/bin/ruff format --check src tests tools experiments
 
 DEMO_DATA := demo_data
 
