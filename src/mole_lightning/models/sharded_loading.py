@@ -50,7 +50,8 @@ def parameters_on_meta() -> Iterator[None]:
     """Create every ``nn.Parameter`` registered inside the block on the meta device; buffers stay real.
 
     Buffers computed at construction (rotary frequencies, position ids) keep their values; initialisers run on meta
-    tensors, which neither allocate memory nor draw from the random generator.
+    tensors. The global random generator is restored when the block ends (tensors drawn before they are registered,
+    such as CLIP's class embedding, would otherwise consume it), as ``from_pretrained`` leaves it untouched.
     """
     original = nn.Module.register_parameter
 
@@ -61,7 +62,8 @@ def parameters_on_meta() -> Iterator[None]:
 
     nn.Module.register_parameter = register  # type: ignore[method-assign]
     try:
-        yield
+        with torch.random.fork_rng(devices=[]):
+            yield
     finally:
         nn.Module.register_parameter = original  # type: ignore[method-assign]
 
@@ -142,16 +144,27 @@ class WeightSource:
 
 
 def register_weight_sources(module: nn.Module, folder: SafetensorsFolder, sources: dict[int, WeightSource]) -> None:
-    """Record the file tensor of every meta parameter of ``module`` (checkpoint key = the module's parameter name,
-    or that name without the model's ``base_model_prefix``)."""
-    prefix = getattr(module, "base_model_prefix", "")
+    """Record the file tensor of every meta parameter of ``module``.
+
+    The checkpoint key is the parameter's name, behind the one prefix the folder puts in front of the module's names
+    (``vision_model.`` for a vision tower inside a full CLIP/SigLIP checkpoint), or without the model's
+    ``base_model_prefix``.
+
+    Raises:
+        KeyError: a parameter has no tensor in the folder.
+    """
+    names = [name for name, param in module.named_parameters() if param.is_meta]
+    outer = ""
+    if names and names[0] not in folder:
+        found = {key[: -len(names[0])] for key in folder.entries if key.endswith("." + names[0])}
+        outer = found.pop() if len(found) == 1 else ""
+    inner = getattr(module, "base_model_prefix", "") + "."
     for name, param in module.named_parameters():
         if not param.is_meta:
             continue
-        key = name
-        if key not in folder and prefix and key.startswith(prefix + "."):
-            key = key[len(prefix) + 1 :]
-        if key not in folder:
+        candidates = [outer + name, name] + ([name[len(inner) :]] if name.startswith(inner) else [])
+        key = next((k for k in candidates if k in folder), None)
+        if key is None:
             raise KeyError(f"parameter {name!r} has no tensor in the safetensors files of {folder.path!r}")
         sources[id(param)] = WeightSource(folder, key)
 
