@@ -315,24 +315,39 @@ def shard_and_load(model: nn.Module, mesh: Any, **fsdp_options: Any) -> nn.Modul
                 raise RuntimeError(f"meta parameter {name!r} has no file to load it from")
             plan[name] = sources[id(param)]
         else:
-            built[name] = param.detach().clone()
-    buffers = {name: buffer.detach().clone() for name, buffer in model.named_buffers()}
+            built[name] = param.detach()  # keeps the built storage alive (fully_shard and to_empty replace it)
+    buffers = {name: buffer.detach() for name, buffer in model.named_buffers()}
     fully_shard_llava_mole(model, mesh, **fsdp_options)
     device = "cpu" if fsdp_options.get("cpu_offload") else torch.device(mesh.device_type, _device_index(mesh))
     model.to_empty(device=device)
+    shards = [(name, param, param.to_local() if hasattr(param, "to_local") else param)
+              for name, param in model.named_parameters()]  # fmt: skip
     with torch.no_grad():
-        for name, param in model.named_parameters():
-            local = param.to_local() if hasattr(param, "to_local") else param
-            start = _local_rows(param, local)
-            if name in plan:
-                _fill(local, start, plan[name])
-            else:
-                full = built.pop(name)
-                local.copy_(full[start : start + local.shape[0]] if full.dim() else full)
         for name, buffer in model.named_buffers():
-            buffer.copy_(buffers[name])
+            buffer.copy_(buffers.pop(name))
+        for name, param, local in shards:  # built tensors first: their full copies are freed before the reads
+            if name not in plan:
+                full = built.pop(name)
+                local.copy_(full[_local_rows(param, local) :][: local.shape[0]] if full.dim() else full)
+        del full
+        _release_freed_memory()
+        for name, param, local in shards:
+            if name in plan:
+                _fill(local, _local_rows(param, local), plan[name])
     model.weight_sources = {}
     return model
+
+
+def _release_freed_memory() -> None:
+    """Hand memory freed by the allocator back to the system (glibc ``malloc_trim``; nothing elsewhere)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _device_index(mesh: Any) -> int | None:
