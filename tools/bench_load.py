@@ -24,6 +24,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import socket
@@ -93,6 +94,8 @@ def worker(llm: str, path: str) -> None:
     if dist.get_rank() == 0:
         print(json.dumps({"peaks": peaks}), flush=True)
     dist.barrier()
+    del module
+    gc.collect()
     dist.destroy_process_group()
     sys.stdout.flush()
     os._exit(0)
