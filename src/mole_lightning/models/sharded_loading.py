@@ -329,7 +329,7 @@ def shard_and_load(model: nn.Module, mesh: Any, **fsdp_options: Any) -> nn.Modul
             if name not in plan:
                 full = built.pop(name)
                 local.copy_(full[_local_rows(param, local) :][: local.shape[0]] if full.dim() else full)
-        del full
+                del full
         _release_freed_memory()
         for name, param, local in shards:
             if name in plan:
