@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from typing import Any, Literal
 
 import torch
@@ -185,6 +186,7 @@ def build_llava_mole(
     train_new_token_rows: bool = False,
     pad_to_multiple_of: int | None = None,
     trust_remote_code: bool = False,
+    frozen_on_meta: bool = False,
 ) -> LlavaMoLE:
     """Assemble vision tower, projector and (MoLE-adapted) LLM.
 
@@ -211,7 +213,12 @@ def build_llava_mole(
         train_new_token_rows: make embedding rows added for new tokens trainable.
         pad_to_multiple_of: round the resized vocabulary up (e.g. 64) when tokens are added.
         trust_remote_code: allow custom code from model/tokenizer directories.
+        frozen_on_meta: build the LLM (from an ``llm_path`` folder) and the HF tower (from a
+            ``vision_name_or_path`` folder) with their parameters on the meta device, to be sharded and loaded by
+            :func:`~mole_lightning.models.sharded_loading.shard_and_load` (``model.weight_sources`` says where each
+            comes from). Everything else, random draws included, is built as without it.
     """
+    from mole_lightning.models import sharded_loading
     from mole_lightning.models.loading import load_projector
 
     for path, what in ((llm_path, "LLM folder"), (projector_path, "projector file")):
@@ -234,23 +241,41 @@ def build_llava_mole(
         llm_config.setdefault("pad_token_id", tokenizer.pad_token_id)
         llm_config.setdefault("bos_token_id", tokenizer.bos_token_id)
         llm_config.setdefault("eos_token_id", tokenizer.eos_token_id)
-    language_model = build_language_model(
-        path=llm_path,
-        config=llm_config,
-        dtype=dtype,
-        attn_implementation=attn_implementation,
-        trust_remote_code=trust_remote_code,
-    )
-    first_new_row = resize_embeddings(language_model, tokenizer, pad_to_multiple_of=pad_to_multiple_of)
+    sources: dict[int, sharded_loading.WeightSource] = {}
+    if frozen_on_meta and llm_path is not None and os.path.isdir(llm_path):
+        language_model = sharded_loading.meta_language_model(
+            llm_path,
+            sources,
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code,
+        )
+        first_new_row = sharded_loading.resize_meta_embeddings(
+            language_model, tokenizer, sources, pad_to_multiple_of=pad_to_multiple_of
+        )
+    else:
+        language_model = build_language_model(
+            path=llm_path,
+            config=llm_config,
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code,
+        )
+        first_new_row = resize_embeddings(language_model, tokenizer, pad_to_multiple_of=pad_to_multiple_of)
 
-    tower = build_vision_tower(
-        kind=vision,
-        name_or_path=vision_name_or_path,
-        pretrained=vision_pretrained,
-        config=vision_config,
-        feature_layer=feature_layer,
-        dtype=dtype,
-    )
+    if frozen_on_meta and vision == "hf" and vision_name_or_path is not None and os.path.isdir(vision_name_or_path):
+        tower = sharded_loading.meta_vision_tower(
+            vision_name_or_path, sources, feature_layer=feature_layer, dtype=dtype
+        )
+    else:
+        tower = build_vision_tower(
+            kind=vision,
+            name_or_path=vision_name_or_path,
+            pretrained=vision_pretrained,
+            config=vision_config,
+            feature_layer=feature_layer,
+            dtype=dtype,
+        )
     lm_hidden = language_model.get_input_embeddings().weight.shape[1]
     proj = build_projector(projector, in_dim=tower.hidden_size, out_dim=lm_hidden).float()  # trained: fp32 masters
     if projector_path is not None:
@@ -258,6 +283,7 @@ def build_llava_mole(
 
     model = LlavaMoLE(tower, proj, language_model, image_token_id=image_token_id, projector_type=projector)
     model.tokenizer = tokenizer
+    model.weight_sources = sources
     if mole is not None:
         if isinstance(mole, dict):
             from mole_lightning.peft import MoLEConfig

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mole_lightning.peft.config import MoLEConfig
-from mole_lightning.peft.layers import LoRALinear, MoLELinear, _FrozenLinearBase
+from mole_lightning.peft.layers import LoRALinear, MoLELinear, _FrozenLinearBase, adapter_device
 from mole_lightning.peft.routing import MoLEAux, MoLERouter, pooled_balance_loss, switch_balance_loss, z_loss
 
 DEFAULT_EXCLUDE: tuple[str, ...] = (
@@ -99,7 +99,7 @@ def apply_mole(model: nn.Module, config: MoLEConfig, *, exclude: tuple[str, ...]
                 setattr(mlp, child_name, LoRALinear(linear, **lora_kw))
             continue
         router = MoLERouter(
-            _router_in_features(projections), config, device=next(iter(projections.values())).weight.device
+            _router_in_features(projections), config, device=adapter_device(next(iter(projections.values())).weight)
         )
         mlp.router = router
         mlp.register_forward_pre_hook(router.route_mlp_input, with_kwargs=True)

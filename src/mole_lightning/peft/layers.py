@@ -34,6 +34,12 @@ from torch import nn
 from mole_lightning.peft.routing import MoLERouter, RoutingDecision
 
 
+def adapter_device(weight: torch.Tensor) -> torch.device:
+    """Device of the adapters (and router) of a frozen weight: the weight's, or CPU for a weight on the meta device
+    (a base loaded later shard by shard), so that their initialisation draws the same random numbers either way."""
+    return torch.device("cpu") if weight.is_meta else weight.device
+
+
 def _init_lora_a_(a: torch.Tensor, fan_in: int) -> None:
     """kaiming_uniform_(a=sqrt(5)) as nn.Linear does for a (r, d_in) weight: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
     bound = 1.0 / math.sqrt(fan_in)
@@ -77,7 +83,7 @@ class LoRALinear(_FrozenLinearBase):
 
     def __init__(self, base: nn.Linear, *, rank: int, alpha: float, dropout: float = 0.0) -> None:
         super().__init__(base, rank, alpha, dropout)
-        kw = {"device": self.weight.device, "dtype": self._adapter_dtype()}
+        kw = {"device": adapter_device(self.weight), "dtype": self._adapter_dtype()}
         self.lora_A = nn.Parameter(torch.empty(self.in_features, rank, **kw))
         self.lora_B = nn.Parameter(torch.empty(rank, self.out_features, **kw))
         self.reset_adapter_parameters()
@@ -263,7 +269,7 @@ class MoLELinear(_FrozenLinearBase):
         self.num_experts = num_experts
         self.impl = impl
         self._router = (router,)  # a tuple so the router is not registered twice (it belongs to the MLP)
-        kw = {"device": self.weight.device, "dtype": self._adapter_dtype()}
+        kw = {"device": adapter_device(self.weight), "dtype": self._adapter_dtype()}
         self.lora_A = nn.Parameter(torch.empty(num_experts, self.in_features, rank, **kw))
         self.lora_B = nn.Parameter(torch.empty(num_experts, rank, self.out_features, **kw))
         self.reset_adapter_parameters()

@@ -26,6 +26,7 @@ from torch import nn
 from mole_lightning.constants import IGNORE_INDEX
 from mole_lightning.eval.callback import generate_answers, prediction_records
 from mole_lightning.models import load_adapters, missing_trainable, select_trainable, trainable_names
+from mole_lightning.models.sharded_loading import shard_and_load
 from mole_lightning.peft import MoLEConfig, expert_counts_per_sample
 from mole_lightning.training.nonfinite import NonFiniteSteps
 from mole_lightning.training.optim import parameter_groups
@@ -114,25 +115,37 @@ class MoLELightningModule(pl.LightningModule):
         """The MoLE configuration used: the ``mole`` argument, else the preset's, else ``None``."""
         return self.architecture.resolve_mole(self.mole_config)
 
-    def build_model(self) -> nn.Module:
-        """Build the :class:`LlavaMoLE` of the spec with ``model_seed`` (no sharding, no checkpointing)."""
-        return self.architecture.build(self.mole_config, self.hparams.tokenizer, seed=self.hparams.model_seed)
+    def build_model(self, frozen_on_meta: bool = False) -> nn.Module:
+        """Build the :class:`LlavaMoLE` of the spec with ``model_seed`` (no sharding, no checkpointing).
+
+        ``frozen_on_meta``: leave the LLM and HF tower that come from folders on the meta device (sharded loading).
+        """
+        return self.architecture.build(
+            self.mole_config, self.hparams.tokenizer, seed=self.hparams.model_seed, frozen_on_meta=frozen_on_meta
+        )
 
     def configure_model(self) -> None:
-        """Build the model once (later calls do nothing); shard it when the strategy provides a device mesh."""
+        """Build the model once (later calls do nothing); shard it when the strategy provides a device mesh.
+
+        With a mesh, the LLM and HF tower that come from folders are built on the meta device, sharded, and each rank
+        reads only its own rows of their files (:func:`~mole_lightning.models.sharded_loading.shard_and_load`).
+        """
         if self.model is not None:
             return
-        model = self.build_model()
+        mesh = getattr(self, "_device_mesh", None)
+        model = self.build_model(frozen_on_meta=mesh is not None)
         if self.hparams.adapter_path is not None:
             load_adapters(model, self.hparams.adapter_path)
         if self.hparams.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         counts = parameter_counts(model)
         self.step_flops = functools.partial(training_flops, counts, image_tokens=model.num_image_tokens)
-        mesh = getattr(self, "_device_mesh", None)
         if mesh is not None:
             options = getattr(self._trainer.strategy, "fsdp2_options", dict)() if self._trainer is not None else {}
-            fully_shard_llava_mole(model, mesh, **options)
+            if getattr(model, "weight_sources", None):
+                shard_and_load(model, mesh, **options)
+            else:
+                fully_shard_llava_mole(model, mesh, **options)
         self.model = model
 
     tokenizer = property(lambda self: self.require_model().tokenizer, doc="The model's tokenizer (once built).")

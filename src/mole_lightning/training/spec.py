@@ -105,8 +105,11 @@ class ModelSpec:
             mole = self.preset_mole()
         return MoLEConfig.from_dict(mole) if isinstance(mole, dict) else mole
 
-    def build(self, mole: Any = None, tokenizer: Any = None, *, seed: int = 0) -> Any:
+    def build(self, mole: Any = None, tokenizer: Any = None, *, seed: int = 0, frozen_on_meta: bool = False) -> Any:
         """Build the :class:`~mole_lightning.models.LlavaMoLE` with the global RNG forked and seeded by ``seed``.
+
+        ``frozen_on_meta``: the LLM and HF tower that come from folders get their parameters on the meta device, to
+        be loaded shard by shard (``build_llava_mole``'s argument).
 
         Raises:
             ValueError: The built tower gives another number of tokens per image than its config said (the data
@@ -114,7 +117,7 @@ class ModelSpec:
         """
         from mole_lightning.models import build_llava_mole
 
-        kwargs = {**self.builder_kwargs(), "mole": self.resolve_mole(mole)}
+        kwargs = {**self.builder_kwargs(), "mole": self.resolve_mole(mole), "frozen_on_meta": frozen_on_meta}
         if tokenizer is not None:
             kwargs["tokenizer"] = tokenizer
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []

@@ -1,0 +1,62 @@
+"""Sharded loading (meta build, ``fully_shard``, per-rank safetensors reads) on 2 CPU processes with gloo equals the
+unsharded ``from_pretrained`` build exactly: every parameter, every buffer, the logits."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.realformats import clip_336_folder, llama_folder, mm_projector_bin, vicuna_tokenizer
+from tests.training.test_token_rows_fsdp2 import free_port
+
+WORKER = Path(__file__).with_name("sharded_loading_worker.py")
+ROOT = WORKER.parents[2]
+
+
+def run_workers(tmp_path: Path, spec: dict) -> dict:
+    port, out = free_port(), tmp_path / "result.json"
+    processes = []
+    for rank in range(2):
+        env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE")}
+        env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        env["OMP_NUM_THREADS"] = "1"
+        command = [sys.executable, str(WORKER), "--spec", json.dumps(spec), "--out", str(out)]
+        log = open(tmp_path / f"log{rank}.txt", "w")  # noqa: SIM115 (closed below)
+        processes.append((subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+    for process, log in processes:
+        code = process.wait(timeout=300)
+        log.close()
+        assert code == 0, (tmp_path / "log0.txt").read_text()[-3000:] + (tmp_path / "log1.txt").read_text()[-3000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_sharded_loading_equals_the_unsharded_build(tmp_path):
+    tokenizer = vicuna_tokenizer(tmp_path / "tokenizer")  # 512 tokens: <image> becomes row 512 (uneven shards)
+    llm = llama_folder(tmp_path / "llm", tokenizer)  # fp32 safetensors in several shards
+    tower = clip_336_folder(tmp_path / "clip")  # a full CLIPModel folder: the text tower's tensors are skipped
+    projector = mm_projector_bin(tmp_path / "mm_projector.bin", vision_width=32, text_width=64)
+    spec = dict(
+        preset=None,
+        llm_path=str(llm),
+        vision="hf",
+        vision_name_or_path=str(tower),
+        projector="mlp2x_gelu",
+        projector_path=str(projector),
+        dtype="float32",  # exact logits: FSDP2 without mixed precision needs one dtype per unit (fp32 adapters)
+        train_new_token_rows=True,
+    )
+    result = run_workers(tmp_path, spec)
+    meta = result["meta_parameters"]
+    # the frozen LLM and tower were built on meta and read from the files; trained parts were built for real
+    assert "language_model.lm_head.weight" in meta and "vision_tower.model.embeddings.patch_embedding.weight" in meta
+    assert not any("lora_" in name or "router" in name or name.startswith("projector") for name in meta)
+    assert result["dtensors"] > len(meta)
+    assert result["different"] == [] and result["missing"] == []
+    assert result["logits_equal"] and result["logits_finite"]
+    assert result["rows"] == 513 and result["dtype"] == "torch.float32" and result["new_row_is_mean"]
