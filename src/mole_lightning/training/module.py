@@ -26,13 +26,12 @@ from torch import nn
 from mole_lightning.constants import IGNORE_INDEX
 from mole_lightning.eval.callback import generate_answers, prediction_records
 from mole_lightning.models import load_adapters, missing_trainable, select_trainable, trainable_names
-from mole_lightning.models.sharded_loading import shard_and_load
 from mole_lightning.peft import MoLEConfig, expert_counts_per_sample
 from mole_lightning.training.nonfinite import NonFiniteSteps
 from mole_lightning.training.optim import parameter_groups
+from mole_lightning.training.sharded_loading import shard_and_load
 from mole_lightning.training.source_metrics import SourceLossMetric
 from mole_lightning.training.spec import ModelSpec, VisionGeometry
-from mole_lightning.training.strategies import fully_shard_llava_mole
 from mole_lightning.training.throughput import parameter_counts, training_flops
 
 
@@ -116,20 +115,13 @@ class MoLELightningModule(pl.LightningModule):
         return self.architecture.resolve_mole(self.mole_config)
 
     def build_model(self, frozen_on_meta: bool = False) -> nn.Module:
-        """Build the :class:`LlavaMoLE` of the spec with ``model_seed`` (no sharding, no checkpointing).
-
-        ``frozen_on_meta``: leave the LLM and HF tower that come from folders on the meta device (sharded loading).
-        """
-        return self.architecture.build(
-            self.mole_config, self.hparams.tokenizer, seed=self.hparams.model_seed, frozen_on_meta=frozen_on_meta
-        )
+        """Build the :class:`LlavaMoLE` of the spec with ``model_seed`` (``frozen_on_meta``: ``ModelSpec.build``)."""
+        kwargs = {"seed": self.hparams.model_seed, "frozen_on_meta": frozen_on_meta}
+        return self.architecture.build(self.mole_config, self.hparams.tokenizer, **kwargs)
 
     def configure_model(self) -> None:
-        """Build the model once (later calls do nothing); shard it when the strategy provides a device mesh.
-
-        With a mesh, the LLM and HF tower that come from folders are built on the meta device, sharded, and each rank
-        reads only its own rows of their files (:func:`~mole_lightning.models.sharded_loading.shard_and_load`).
-        """
+        """Build the model once (later calls do nothing). With a device mesh, frozen weights from folders are built on
+        the meta device and each rank reads only its own shards of their files (``shard_and_load``)."""
         if self.model is not None:
             return
         mesh = getattr(self, "_device_mesh", None)
@@ -138,14 +130,11 @@ class MoLELightningModule(pl.LightningModule):
             load_adapters(model, self.hparams.adapter_path)
         if self.hparams.gradient_checkpointing:
             model.gradient_checkpointing_enable()
-        counts = parameter_counts(model)
-        self.step_flops = functools.partial(training_flops, counts, image_tokens=model.num_image_tokens)
+        counts, image_tokens = parameter_counts(model), model.num_image_tokens
+        self.step_flops = functools.partial(training_flops, counts, image_tokens=image_tokens)
         if mesh is not None:
             options = getattr(self._trainer.strategy, "fsdp2_options", dict)() if self._trainer is not None else {}
-            if getattr(model, "weight_sources", None):
-                shard_and_load(model, mesh, **options)
-            else:
-                fully_shard_llava_mole(model, mesh, **options)
+            shard_and_load(model, mesh, **options)
         self.model = model
 
     tokenizer = property(lambda self: self.require_model().tokenizer, doc="The model's tokenizer (once built).")
@@ -182,8 +171,7 @@ class MoLELightningModule(pl.LightningModule):
         return total
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Keep the frozen vocabulary rows frozen when new token rows train (FSDP2's sharded gradients bypass the
-        model's gradient hooks); runs before gradient clipping."""
+        """Keep frozen vocabulary rows frozen when new token rows train (FSDP2 bypasses the gradient hooks)."""
         self.require_model().zero_frozen_token_row_grads()
 
     # ----------------------------------------------------------------------------------------- validation, test
