@@ -17,7 +17,7 @@ import argparse
 import json
 import sys
 
-from mole_lightning.eval.metrics import TASKS
+from mole_lightning.eval.metrics import task_names
 from mole_lightning.eval.questions import convert_question_file
 
 
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--source", required=True, help="source name (shard prefix)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--answers", help="file of {question_id, answer|answers|label} records")
-    parser.add_argument("--task", choices=TASKS, help="task of records without one (default: guessed)")
+    parser.add_argument("--task", choices=task_names(), help="task of records without one (default: guessed)")
     parser.add_argument("--no-prompt", action="store_true", help="do not add LLaVA-1.5's task suffix")
     parser.add_argument("--maxcount", type=int, default=10000, help="samples per shard")
     parser.add_argument("--limit", type=int, help="convert only the first N questions")

@@ -5,7 +5,8 @@ Public API:
 
 * :class:`ShortAnswerAccuracy`, :class:`MultipleChoiceAccuracy`, :class:`YesNoMetrics`, :class:`OpenEndedF1` --
   ``torchmetrics`` metrics per task type (``vqa``, ``mc``, ``yesno``, ``open``); :class:`SourceTaskMetrics` keeps
-  them per source and task.
+  them per source and task; :class:`TaskSpec` / :func:`register_task` -- the task registry (metric, primary value,
+  sample score, prompt suffix, inference from a record).
 * :func:`normalize_answer`, :func:`pope_yes_no`, :func:`extract_choice` -- answer processing.
 * :func:`apply_eval_prompt` -- LLaVA-1.5 prompt suffix by task.
 * :class:`GenerationEvalCallback` -- greedy generation on validation samples per source, logged metrics.
@@ -16,18 +17,21 @@ Public API:
 
 from mole_lightning.eval.callback import GenerationEvalCallback, examples_table, generate_answers, metric_table
 from mole_lightning.eval.metrics import (
-    PRIMARY_METRIC,
-    TASKS,
+    TASK_SPECS,
     MultipleChoiceAccuracy,
     OpenEndedF1,
     ScoreMean,
     ShortAnswerAccuracy,
     SourceTaskMetrics,
+    TaskSpec,
     YesNoMetrics,
     infer_task,
     open_ended_scores,
+    register_task,
     sample_score,
     short_answer_scores,
+    task_names,
+    task_spec,
     token_f1,
 )
 from mole_lightning.eval.normalize import extract_choice, normalize_answer, pope_yes_no
@@ -44,9 +48,9 @@ from mole_lightning.eval.writer import JsonlPredictionWriter, score_jsonl
 
 __all__ = [
     "MULTIPLE_CHOICE_PROMPT",
-    "PRIMARY_METRIC",
     "SHORT_ANSWER_PROMPT",
-    "TASKS",
+    "TASK_SPECS",
+    "TaskSpec",
     "GenerationEvalCallback",
     "JsonlPredictionWriter",
     "MultipleChoiceAccuracy",
@@ -63,6 +67,9 @@ __all__ = [
     "extract_choice",
     "generate_answers",
     "infer_task",
+    "register_task",
+    "task_names",
+    "task_spec",
     "log_routing_to_tensorboard",
     "metric_table",
     "mutual_information",

@@ -29,7 +29,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
-from mole_lightning.eval.metrics import PRIMARY_METRIC, TASKS, SourceTaskMetrics
+from mole_lightning.eval.metrics import SourceTaskMetrics, task_names, task_spec
 from mole_lightning.eval.routing import RoutingAccumulator, RoutingCounts, log_routing_to_tensorboard
 
 
@@ -141,15 +141,15 @@ def metric_table(results: dict[str, float], sources: list[str] | None = None) ->
     """
     if sources is None:
         sources = sorted({key.split("/")[0] for key in results if key.endswith("/score")} - {"overall"})
-    tasks = [t for t in TASKS if any(key.endswith(f"/{t}/count") for key in results)]
-    header = ["source", "samples", "score", *[f"{t}:{PRIMARY_METRIC[t]}" for t in tasks]]
+    tasks = [t for t in task_names() if any(key.endswith(f"/{t}/count") for key in results)]
+    header = ["source", "samples", "score", *[f"{t}:{task_spec(t).primary}" for t in tasks]]
     rows = []
     for source in [*sources, "overall"]:
         count = results.get(f"{source}/count")
         score = results.get(f"{source}/score")
         row = [source, "-" if count is None else str(int(count)), "-" if score is None else f"{score:.3f}"]
         for task in tasks:
-            value = results.get(f"{source}/{task}/{PRIMARY_METRIC[task]}")
+            value = results.get(f"{source}/{task}/{task_spec(task).primary}")
             row.append("-" if value is None else f"{value:.3f}")
         rows.append(row)
     widths = [max(len(header[i]), *(len(r[i]) for r in rows)) for i in range(len(header))]

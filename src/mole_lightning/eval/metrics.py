@@ -11,10 +11,11 @@ task          metric                        values (``compute()`` returns a dict
 ``open``      :class:`OpenEndedF1`          ``f1``, ``precision``, ``recall`` (token level), ``exact_match``, ``count``
 ============  ============================  =====================================================================
 
-The *score* of a sample is its task's primary value (:data:`PRIMARY_METRIC`): ``vqa_accuracy``, ``accuracy``,
-``accuracy`` and ``f1``. :class:`SourceTaskMetrics` keeps one metric per (source, task) plus all-source ones and
-returns flat ``"<source>/<task>/<name>"`` keys, a per-source ``"<source>/score"`` (mean sample score) and
-``"overall/score"`` (mean of the source scores).
+The *score* of a sample is its task's primary value: ``vqa_accuracy``, ``accuracy``, ``accuracy`` and ``f1``. Tasks
+are registered :class:`TaskSpec` objects (:data:`TASK_SPECS`, :func:`register_task`): metric, primary value, sample
+score, prompt suffix and inference from a record, in one place. :class:`SourceTaskMetrics` keeps one metric per
+(source, task) plus all-source ones and returns flat ``"<source>/<task>/<name>"`` keys, a per-source
+``"<source>/score"`` (mean sample score) and ``"overall/score"`` (mean of the source scores).
 
 Short answers are compared after :func:`~mole_lightning.eval.normalize.normalize_answer`; yes/no answers use POPE's
 mapping; multiple choice extracts the option letter (:func:`~mole_lightning.eval.normalize.extract_choice`).
@@ -24,7 +25,8 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -39,10 +41,7 @@ from mole_lightning.eval.normalize import (
     reference_choice,
     reference_yes_no,
 )
-
-TASKS = ("vqa", "mc", "yesno", "open")
-PRIMARY_METRIC = {"vqa": "vqa_accuracy", "mc": "accuracy", "yesno": "accuracy", "open": "f1"}
-"""The value of each task used as the sample score and in the per-source score."""
+from mole_lightning.eval.prompts import MULTIPLE_CHOICE_PROMPT, SHORT_ANSWER_PROMPT
 
 Refs = Sequence[str] | str
 
@@ -134,40 +133,6 @@ def open_ended_scores(prediction: str, references: Refs) -> dict[str, float]:
         "f1": max(s[2] for s in scores),
         "exact_match": float(any(normalize_answer(r) == pred for r in refs)),
     }
-
-
-def infer_task(references: Refs, options: Sequence[str] | None = None) -> str:
-    """Task of a sample without a ``task`` field: ``mc`` with options, ``yesno`` when every reference is yes/no,
-    ``vqa`` when the longest normalized reference has at most 3 words, else ``open``."""
-    if options:
-        return "mc"
-    refs = [normalize_answer(r) for r in _as_list(references)]
-    if refs and all(r in ("yes", "no") for r in refs):
-        return "yesno"
-    return "vqa" if max((len(r.split()) for r in refs), default=0) <= 3 else "open"
-
-
-def sample_score(
-    task: str,
-    prediction: str,
-    references: Refs,
-    options: Sequence[str] | None = None,
-    *,
-    vqa_leave_one_out: bool = False,
-) -> float:
-    """The primary value (:data:`PRIMARY_METRIC`) of one sample of ``task`` (``vqa_leave_one_out``: see
-    :func:`short_answer_scores`)."""
-    if task == "vqa":
-        return short_answer_scores(prediction, references, leave_one_out=vqa_leave_one_out)[1]
-    if task == "mc":
-        target = next((reference_choice(r, options) for r in _as_list(references)), None)
-        return float(target is not None and extract_choice(prediction, options) == target)
-    if task == "yesno":
-        target = next((reference_yes_no(r) for r in _as_list(references)), None)
-        return float(target is not None and pope_yes_no(prediction) == target)
-    if task == "open":
-        return open_ended_scores(prediction, references)["f1"]
-    raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
 
 
 # ------------------------------------------------------------------------------------------------------ metrics
@@ -364,28 +329,144 @@ class ScoreMean(_SumMetric):
         return {"score": self._mean("score"), "count": float(self.total)}
 
 
-TASK_METRICS: dict[str, type[_SumMetric]] = {
-    "vqa": ShortAnswerAccuracy,
-    "mc": MultipleChoiceAccuracy,
-    "yesno": YesNoMetrics,
-    "open": OpenEndedF1,
-}
+# ------------------------------------------------------------------------------------------------ task registry
+@dataclass(frozen=True)
+class TaskSpec:
+    """An eval task: everything the package needs to score it, in one place.
+
+    Attributes:
+        name: The ``task`` value of samples (``"vqa"``...).
+        metric: ``metric(sync_on_compute, leave_one_out) -> Metric`` whose ``update(preds, refs[, options])``
+            takes a batch and whose ``compute()`` returns a dict with ``primary`` and ``count``.
+        primary: The metric value used as the sample score and in the per-source score.
+        score: ``score(prediction, references, options, leave_one_out) -> float``, one sample's primary value.
+        prompt: LLaVA-1.5's instruction appended to the question (``None``: the question as it is).
+        recognize: ``recognize(normalized_references, options, question_text) -> bool``: whether a record without a
+            ``task`` field is of this task (``None``: never recognized; see :func:`infer_task`).
+        takes_options: The metric's ``update`` also takes each sample's option texts (multiple choice).
+    """
+
+    name: str
+    metric: Callable[[bool, bool], Metric]
+    primary: str
+    score: Callable[[str, Refs, Sequence[str] | None, bool], float]
+    prompt: str | None = None
+    recognize: Callable[[list[str], Sequence[str] | None, str], bool] | None = None
+    takes_options: bool = False
 
 
-def make_task_metric(task: str, **kwargs: Any) -> _SumMetric:
-    """A fresh metric for ``task`` (one of :data:`TASKS`); ``kwargs`` go to its constructor."""
-    if task not in TASK_METRICS:
-        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
-    return TASK_METRICS[task](**kwargs)
+TASK_SPECS: dict[str, TaskSpec] = {}
+"""The task registry, in inference order (built-ins: ``mc``, ``yesno``, ``vqa``, ``open``); add one with
+:func:`register_task`."""
 
 
-def _update_task_metric(metric: _SumMetric, task: str, preds: list[str], refs: list[Refs], options: list) -> None:
-    if task == "mc":
-        metric.update(preds, refs, options)
-    else:
-        metric.update(preds, refs)
+def register_task(spec: TaskSpec) -> TaskSpec:
+    """Register (or replace) an eval task; it is then scored by the callback, the writer and ``score_jsonl``,
+    prompted by :func:`~mole_lightning.eval.prompts.apply_eval_prompt` and inferred by :func:`infer_task`, where a
+    task registered later is tried first (``open``, registered first, takes what no other task recognizes)."""
+    others = {name: existing for name, existing in TASK_SPECS.items() if name != spec.name}
+    TASK_SPECS.clear()
+    TASK_SPECS.update({spec.name: spec, **others})
+    return spec
 
 
+def task_names() -> tuple[str, ...]:
+    """The registered tasks, in inference order."""
+    return tuple(TASK_SPECS)
+
+
+def task_spec(task: str) -> TaskSpec:
+    """The :class:`TaskSpec` of ``task``.
+
+    Raises:
+        ValueError: an unknown task (the message lists the known ones).
+    """
+    try:
+        return TASK_SPECS[task]
+    except KeyError:
+        raise ValueError(f"unknown task {task!r}; expected one of {task_names()}") from None
+
+
+def infer_task(references: Refs, options: Sequence[str] | None = None, text: str = "") -> str:
+    """Task of a sample without a ``task`` field: the first registered task that recognizes it (built-ins: ``mc``
+    with options or LLaVA's multiple-choice instruction in the question, ``yesno`` when every reference is yes/no,
+    ``vqa`` when the longest normalized reference has at most 3 words, else ``open``)."""
+    refs = [normalize_answer(r) for r in _as_list(references)]
+    names = task_names()
+    for spec in TASK_SPECS.values():
+        if spec.recognize is not None and spec.recognize(refs, options, text):
+            return spec.name
+    return names[-1]
+
+
+def sample_score(
+    task: str,
+    prediction: str,
+    references: Refs,
+    options: Sequence[str] | None = None,
+    *,
+    vqa_leave_one_out: bool = False,
+) -> float:
+    """The primary value of one sample of ``task`` (``vqa_leave_one_out``: see :func:`short_answer_scores`)."""
+    return task_spec(task).score(prediction, references, options, vqa_leave_one_out)
+
+
+def make_task_metric(task: str, *, sync_on_compute: bool = True, leave_one_out: bool = False) -> Metric:
+    """A fresh metric of ``task``."""
+    return task_spec(task).metric(sync_on_compute, leave_one_out)
+
+
+def _choice_score(prediction: str, references: Refs, options: Sequence[str] | None, _: bool) -> float:
+    target = next((reference_choice(r, options) for r in _as_list(references)), None)
+    return float(target is not None and extract_choice(prediction, options) == target)
+
+
+def _yes_no_score(prediction: str, references: Refs, options: Sequence[str] | None, _: bool) -> float:
+    target = next((reference_yes_no(r) for r in _as_list(references)), None)
+    return float(target is not None and pope_yes_no(prediction) == target)
+
+
+register_task(
+    TaskSpec(
+        "open",
+        lambda sync, _: OpenEndedF1(sync_on_compute=sync),
+        "f1",
+        lambda prediction, refs, options, _: open_ended_scores(prediction, refs)["f1"],
+    )
+)
+
+
+register_task(
+    TaskSpec(
+        "vqa",
+        lambda sync, leave_one_out: ShortAnswerAccuracy(leave_one_out=leave_one_out, sync_on_compute=sync),
+        "vqa_accuracy",
+        lambda prediction, refs, options, loo: short_answer_scores(prediction, refs, leave_one_out=loo)[1],
+        prompt=SHORT_ANSWER_PROMPT,
+        recognize=lambda refs, options, text: max((len(r.split()) for r in refs), default=0) <= 3,
+    )
+)
+register_task(
+    TaskSpec(
+        "yesno",
+        lambda sync, _: YesNoMetrics(sync_on_compute=sync),
+        "accuracy",
+        _yes_no_score,
+        prompt=SHORT_ANSWER_PROMPT,
+        recognize=lambda refs, options, text: bool(refs) and all(r in ("yes", "no") for r in refs),
+    )
+)
+register_task(
+    TaskSpec(
+        "mc",
+        lambda sync, _: MultipleChoiceAccuracy(sync_on_compute=sync),
+        "accuracy",
+        _choice_score,
+        prompt=MULTIPLE_CHOICE_PROMPT,
+        recognize=lambda refs, options, text: bool(options) or MULTIPLE_CHOICE_PROMPT in text,
+        takes_options=True,
+    )
+)
 class SourceTaskMetrics(nn.Module):
     """Metrics per source and task, per task over all sources, and a score per source and overall.
 
@@ -405,7 +486,7 @@ class SourceTaskMetrics(nn.Module):
 
     Args:
         sources: Source names known in advance.
-        tasks: Tasks to prepare metrics for.
+        tasks: Tasks to prepare metrics for (``None``: every registered task).
         sync: Synchronize across ranks in :meth:`compute` (``False`` when only one process scores, e.g. rank 0
             reading a merged predictions file).
         vqa_leave_one_out: Score short answers with the official VQAv2 leave-one-out average (for data with the
@@ -415,14 +496,14 @@ class SourceTaskMetrics(nn.Module):
     def __init__(
         self,
         sources: Iterable[str] = (),
-        tasks: Iterable[str] = TASKS,
+        tasks: Iterable[str] | None = None,
         sync: bool = True,
         vqa_leave_one_out: bool = False,
     ) -> None:
         super().__init__()
         self.sync = sync
         self.vqa_leave_one_out = vqa_leave_one_out
-        self.tasks = tuple(tasks)
+        self.tasks = tuple(tasks) if tasks is not None else task_names()
         self.sources: list[str] = []
         self.task_metrics = nn.ModuleDict()
         self.score_metrics = nn.ModuleDict()
@@ -449,8 +530,7 @@ class SourceTaskMetrics(nn.Module):
         score = ScoreMean(sync_on_compute=self.sync)
         self.score_metrics[key] = score.to(device) if device is not None else score
         for task in self.tasks:
-            extra = {"leave_one_out": self.vqa_leave_one_out} if task == "vqa" else {}
-            metric = make_task_metric(task, sync_on_compute=self.sync, **extra)
+            metric = make_task_metric(task, sync_on_compute=self.sync, leave_one_out=self.vqa_leave_one_out)
             self.task_metrics[f"{key}__{task}"] = metric.to(device) if device is not None else metric
 
     def update(
@@ -496,8 +576,9 @@ class SourceTaskMetrics(nn.Module):
             preds = [predictions[i] for i in index]
             refs = [answers[i] for i in index]
             opts = [option_lists[i] for i in index]
+            with_options = (opts,) if task_spec(task).takes_options else ()
             for key in (self._key(source), "__overall__"):
-                _update_task_metric(self.task_metrics[f"{key}__{task}"], task, preds, refs, opts)
+                self.task_metrics[f"{key}__{task}"].update(preds, refs, *with_options)
                 self.score_metrics[key].update([scores[i] for i in index])
         return scores
 

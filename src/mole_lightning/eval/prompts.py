@@ -25,12 +25,6 @@ LLaVA-1.5's VizWiz questions end with ``"\\nWhen the provided information is ins
 'Unanswerable'.\\nAnswer the question using a single word or phrase."``.
 """
 
-TASK_PROMPTS: dict[str, str | None] = {
-    "vqa": SHORT_ANSWER_PROMPT,
-    "yesno": SHORT_ANSWER_PROMPT,
-    "mc": MULTIPLE_CHOICE_PROMPT,
-    "open": None,
-}
 OPTION_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
@@ -53,7 +47,8 @@ def apply_eval_prompt(
 
     Args:
         question: Question text (without the ``<image>`` placeholder).
-        task: ``vqa``, ``yesno``, ``mc``, ``open`` or ``None`` (unchanged).
+        task: A registered task (``vqa``, ``yesno``, ``mc``, ``open``...; its ``TaskSpec.prompt``) or ``None``
+            (unchanged).
         options: Option texts of a multiple-choice question; added as lettered lines unless already there.
         unanswerable: Add VizWiz's "respond with 'Unanswerable'" instruction (short-answer tasks).
 
@@ -63,14 +58,15 @@ def apply_eval_prompt(
     Raises:
         ValueError: For an unknown task.
     """
-    if task is not None and task not in TASK_PROMPTS:
-        raise ValueError(f"unknown task {task!r}; expected one of {sorted(TASK_PROMPTS)}")
+    from mole_lightning.eval.metrics import task_spec  # the task registry imports this module's prompt strings
+
+    spec = task_spec(task) if task is not None else None
+    suffix = spec.prompt if spec is not None else None
     text = question.rstrip()
-    if task == "mc" and options and not _has_options(text, options):
+    if spec is not None and spec.takes_options and options and not _has_options(text, options):
         text = f"{text}\n{format_options(options)}"
-    suffix = TASK_PROMPTS.get(task) if task is not None else None
     if suffix is None or text.endswith(suffix):
         return text
-    if unanswerable and task in ("vqa", "yesno") and UNANSWERABLE_PROMPT not in text:
+    if unanswerable and suffix == SHORT_ANSWER_PROMPT and UNANSWERABLE_PROMPT not in text:
         suffix = f"{UNANSWERABLE_PROMPT}\n{suffix}"
     return f"{text}\n{suffix}"

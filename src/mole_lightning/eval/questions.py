@@ -28,9 +28,8 @@ from typing import Any
 
 from mole_lightning.constants import DEFAULT_IMAGE_TOKEN
 from mole_lightning.data.shards import IMAGE_FIELD_BY_SUFFIX, ConversionReport, ShardWriter
-from mole_lightning.eval.metrics import TASKS
-from mole_lightning.eval.normalize import normalize_answer
-from mole_lightning.eval.prompts import MULTIPLE_CHOICE_PROMPT, SHORT_ANSWER_PROMPT, apply_eval_prompt
+from mole_lightning.eval.metrics import infer_task, task_names
+from mole_lightning.eval.prompts import SHORT_ANSWER_PROMPT, apply_eval_prompt
 
 REFERENCE_FIELDS = ("answers", "answer", "label", "gt_answer")
 
@@ -84,15 +83,6 @@ def options_of(record: dict[str, Any]) -> list[str] | None:
     return [str(o) for o in options]
 
 
-def guess_task(text: str, references: list[str], options: list[str] | None) -> str:
-    """``mc``, ``yesno`` or ``vqa`` for a question without a task (see the module docstring)."""
-    if options or MULTIPLE_CHOICE_PROMPT in text:
-        return "mc"
-    if references and all(normalize_answer(r) in ("yes", "no") for r in references):
-        return "yesno"
-    return "vqa"
-
-
 def question_records(
     questions: Iterable[dict[str, Any]],
     source: str,
@@ -116,8 +106,8 @@ def question_records(
     Raises:
         ValueError: A record without ``question_id`` or ``text``, or an unknown task.
     """
-    if task is not None and task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    if task is not None and task not in task_names():
+        raise ValueError(f"task must be one of {task_names()}, got {task!r}")
     for index, question in enumerate(questions):
         if "question_id" not in question or not isinstance(question.get("text"), str):
             raise ValueError(f"question record #{index} needs 'question_id' and 'text': {question!r:.200}")
@@ -125,8 +115,8 @@ def question_records(
         text = question["text"].replace(DEFAULT_IMAGE_TOKEN, "").strip()
         refs = references.get(qid, []) if references is not None and qid in references else references_of(question)
         options = options_of(question)
-        record_task = question.get("task") or task or guess_task(text, refs, options)
-        if record_task not in TASKS:
+        record_task = question.get("task") or task or infer_task(refs, options, text)
+        if record_task not in task_names():
             raise ValueError(f"question {qid}: unknown task {record_task!r}")
         prompt = apply_eval_prompt(text, record_task, options) if apply_prompt else text
         prefix = DEFAULT_IMAGE_TOKEN + "\n" if question.get("image") else ""
@@ -205,7 +195,6 @@ __all__ = [
     "REFERENCE_FIELDS",
     "SHORT_ANSWER_PROMPT",
     "convert_question_file",
-    "guess_task",
     "options_of",
     "question_records",
     "read_records",

@@ -1,0 +1,86 @@
+"""The recipes of docs/extending.md, done as written: a chat template, an eval task, and what a checkpoint holds."""
+
+from __future__ import annotations
+
+import torch
+from torchmetrics import Metric
+
+from mole_lightning.constants import IGNORE_INDEX
+from mole_lightning.data.templates import TEMPLATES, RenderedConversation, encode_conversation, register_template
+from mole_lightning.eval import TASK_SPECS, SourceTaskMetrics, TaskSpec, apply_eval_prompt, infer_task, register_task
+from mole_lightning.models import build_preset, select_trainable, trainable_names
+from mole_lightning.tokenization import load_tokenizer
+
+
+def test_a_registered_chat_template_is_encoded_with_its_learned_spans(real_folders):
+    def render_alpaca(messages, tokenizer, system_prompt, add_generation_prompt):
+        text, spans = "", []
+        for m in messages:
+            if m.role == "user":
+                text += f"### Instruction:\n{m.text}\n\n### Response:\n"
+            elif m.role == "assistant":
+                spans.append((len(text), len(text) + len(m.text) + len(tokenizer.eos_token)))
+                text += m.text + tokenizer.eos_token + "\n\n"
+        end = len(text) if add_generation_prompt else None
+        return RenderedConversation(text, spans, end, add_special_tokens=True)
+
+    register_template("alpaca", render_alpaca)
+    try:
+        tokenizer = load_tokenizer(str(real_folders["vicuna"]))
+        conversation = [
+            {"from": "human", "value": "What color is the circle?"},
+            {"from": "gpt", "value": "It is blue."},
+        ]
+        encoded = encode_conversation(conversation, tokenizer, "alpaca", num_image_tokens=4)
+        assert encoded["input_ids"][0] == tokenizer.bos_token_id  # add_special_tokens: the tokenizer's BOS
+        learned = encoded["input_ids"][encoded["labels"] != IGNORE_INDEX].tolist()
+        assert tokenizer.decode(learned).strip() == "It is blue.</s>"
+    finally:
+        TEMPLATES.pop("alpaca")
+
+
+class CountAccuracy(Metric):
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("right", torch.tensor(0.0), dist_reduce_fx="sum")
+        self.add_state("total", torch.tensor(0.0), dist_reduce_fx="sum")
+
+    def update(self, preds, refs) -> None:
+        self.right += sum(float(p.strip() in r) for p, r in zip(preds, refs))
+        self.total += len(preds)
+
+    def compute(self) -> dict[str, float]:
+        return {"accuracy": float(self.right / self.total.clamp_min(1)), "count": float(self.total)}
+
+
+def test_a_registered_eval_task_is_prompted_inferred_and_scored():
+    spec = TaskSpec(
+        name="count",
+        metric=lambda sync, leave_one_out: CountAccuracy(sync_on_compute=sync),
+        primary="accuracy",
+        score=lambda prediction, references, options, leave_one_out: float(prediction.strip() in references),
+        prompt="Answer with a number.",
+        recognize=lambda refs, options, text: bool(refs) and all(r.isdigit() for r in refs),
+    )
+    register_task(spec)
+    try:
+        assert apply_eval_prompt("How many cats?", "count") == "How many cats?\nAnswer with a number."
+        assert infer_task(["3"]) == "count" and infer_task(["red"]) == "vqa"  # tried before the built-ins
+        metrics = SourceTaskMetrics(sources=["general"], sync=False)
+        scores = metrics.update(["general", "general"], [None, "count"], ["3", "2"], [["3"], ["4"]])
+        assert scores == [1.0, 0.0]
+        out = metrics.compute()
+        assert out["general/count/accuracy"] == 0.5 and out["general/score"] == 0.5
+    finally:
+        TASK_SPECS.pop("count")
+    assert infer_task(["3"]) == "vqa"
+
+
+def test_a_tensor_made_trainable_is_what_the_checkpoint_holds():
+    model = build_preset("tiny")
+    norm = model.language_model.model.norm.weight
+    norm.requires_grad_(True)
+    names = trainable_names(model)
+    assert "language_model.model.norm.weight" in names
+    kept = select_trainable(model.state_dict(), names)
+    assert set(kept) == set(names) and "language_model.model.embed_tokens.weight" not in kept
