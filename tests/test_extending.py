@@ -1,4 +1,5 @@
-"""The recipes of docs/extending.md, done as written: a chat template, an eval task, and what a checkpoint holds."""
+"""The recipes of docs/extending.md, done as written: a chat template, an eval task, what a checkpoint holds and a
+vision tower."""
 
 from __future__ import annotations
 
@@ -8,8 +9,18 @@ from torchmetrics import Metric
 from mole_lightning.constants import IGNORE_INDEX
 from mole_lightning.data.templates import TEMPLATES, RenderedConversation, encode_conversation, register_template
 from mole_lightning.eval import TASK_SPECS, SourceTaskMetrics, TaskSpec, apply_eval_prompt, infer_task, register_task
-from mole_lightning.models import build_preset, select_trainable, trainable_names
+from mole_lightning.models import (
+    VISION_TOWERS,
+    TowerKind,
+    VisionGeometry,
+    VisionTower,
+    build_preset,
+    register_vision_tower,
+    select_trainable,
+    trainable_names,
+)
 from mole_lightning.tokenization import load_tokenizer
+from mole_lightning.training import ModelSpec
 
 
 def test_a_registered_chat_template_is_encoded_with_its_learned_spans(real_folders):
@@ -84,3 +95,35 @@ def test_a_tensor_made_trainable_is_what_the_checkpoint_holds():
     assert "language_model.model.norm.weight" in names
     kept = select_trainable(model.state_dict(), names)
     assert set(kept) == set(names) and "language_model.model.embed_tokens.weight" not in kept
+
+
+class PatchMeanTower(VisionTower):
+    """A toy tower: one linear map of 8x8 patches (16 px images: 4 patches)."""
+
+    def __init__(self, width: int = 12) -> None:
+        super().__init__()
+        self.patch = torch.nn.Conv2d(3, width, kernel_size=8, stride=8)
+        self.hidden_size, self.num_patches, self.image_size = width, 4, 16
+        self.image_mean, self.image_std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+        self.freeze()
+
+    def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.patch(pixel_values).flatten(2).transpose(1, 2)  # (B, 4, width)
+
+
+def test_a_registered_vision_tower_is_built_and_linked_by_its_geometry():
+    geometry = VisionGeometry(4, 16, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    register_vision_tower(
+        "patch_mean",
+        TowerKind(build=lambda name, pretrained, config, layer, dtype: PatchMeanTower(), geometry=lambda *_: geometry),
+    )
+    try:
+        spec = ModelSpec(preset="tiny", vision="patch_mean")
+        assert spec.vision_geometry() == geometry  # what the CLI links into the DataModule
+        model = spec.build()
+        assert isinstance(model.vision_tower, PatchMeanTower) and model.num_image_tokens == 4
+        pixels = torch.randint(0, 256, (1, 3, 16, 16), dtype=torch.uint8)  # as the DataModule sends them
+        features = model.encode_images(pixels)
+        assert features.shape == (1, 4, model.hidden_size)
+    finally:
+        VISION_TOWERS.pop("patch_mean")

@@ -22,10 +22,9 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2.functional import InterpolationMode, resize
 
+from mole_lightning.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from mole_lightning.pixels import normalize_pixels
 
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 ASPECTS = ("pad", "resize", "crop")
 
 

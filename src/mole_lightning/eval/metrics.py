@@ -467,6 +467,8 @@ register_task(
         takes_options=True,
     )
 )
+
+
 class SourceTaskMetrics(nn.Module):
     """Metrics per source and task, per task over all sources, and a score per source and overall.
 

@@ -31,7 +31,16 @@ from mole_lightning.models.trainable import (
     trainable_names,
     trainable_state_dict,
 )
-from mole_lightning.models.vision import HFVisionTower, OpenCLIPVisionTower, VisionTower
+from mole_lightning.models.vision import (
+    VISION_TOWERS,
+    HFVisionTower,
+    OpenCLIPVisionTower,
+    TowerKind,
+    VisionGeometry,
+    VisionTower,
+    register_vision_tower,
+    vision_geometry,
+)
 
 __all__ = [
     "PRESETS",
@@ -39,11 +48,14 @@ __all__ = [
     "TINY_CLIP_VISION_CONFIG",
     "TINY_LLAMA_CONFIG",
     "TINY_OPEN_CLIP_CONFIG",
+    "VISION_TOWERS",
     "HFVisionTower",
     "LlavaMoLE",
     "LlavaMoLEOutput",
     "MLPProjector",
     "OpenCLIPVisionTower",
+    "TowerKind",
+    "VisionGeometry",
     "VisionTower",
     "add_image_token",
     "build_language_model",
@@ -62,8 +74,10 @@ __all__ = [
     "projector_name",
     "projector_state_dict_from",
     "read_state_dict",
+    "register_vision_tower",
     "resize_embeddings",
     "save_adapters",
     "tiny_tokenizer",
     "trainable_state_dict",
+    "vision_geometry",
 ]

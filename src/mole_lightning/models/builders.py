@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,10 +21,11 @@ from torch import nn
 from mole_lightning.constants import DEFAULT_IMAGE_TOKEN
 from mole_lightning.models.llava_mole import LlavaMoLE
 from mole_lightning.models.projector import build_projector
-from mole_lightning.models.vision import HFVisionTower, OpenCLIPVisionTower, VisionTower
+from mole_lightning.models.vision import VisionTower, tower_kind
 from mole_lightning.tokenization import add_image_token, load_tokenizer, prepare_tokenizer, require_local_path
 
-VisionKind = Literal["hf", "open_clip"]
+VisionKind = str
+"""A registered tower kind (``mole_lightning.models.vision.VISION_TOWERS``: ``"hf"``, ``"open_clip"``...)."""
 
 TINY_LLAMA_CONFIG: dict[str, Any] = dict(
     hidden_size=64,
@@ -143,7 +144,7 @@ def build_vision_tower(
     """A frozen vision tower.
 
     Args:
-        kind: ``"hf"`` (transformers CLIP/SigLIP) or ``"open_clip"``.
+        kind: a registered tower kind: ``"hf"`` (transformers CLIP/SigLIP) or ``"open_clip"`` by default.
         name_or_path: ``"hf"``: directory or hub id of the checkpoint; ``"open_clip"``: architecture name
             (``"ViT-L-14-336"``).
         pretrained: ``"open_clip"`` only: a tag (``"openai"``), a local file, or ``None`` for random weights.
@@ -152,19 +153,7 @@ def build_vision_tower(
         feature_layer: layer whose features are used (``-2``: LLaVA-1.5).
         dtype: weight dtype.
     """
-    if kind == "open_clip":
-        tower: VisionTower = OpenCLIPVisionTower(
-            name_or_path or "ViT-L-14-336", pretrained, feature_layer=feature_layer, model_cfg=config, dtype=dtype
-        )
-        return tower
-    if kind != "hf":
-        raise ValueError(f"unknown vision tower kind {kind!r}; expected 'hf' or 'open_clip'")
-    if name_or_path is not None:
-        return HFVisionTower.from_pretrained(name_or_path, feature_layer=feature_layer, dtype=dtype)
-    if config is None:
-        raise ValueError("an 'hf' vision tower needs `name_or_path` or `config`")
-    tower = HFVisionTower.from_config(config, feature_layer=feature_layer)
-    return tower.to(dtype) if dtype is not None else tower
+    return tower_kind(kind).build(name_or_path, pretrained, config, feature_layer, dtype)
 
 
 def build_llava_mole(

@@ -15,13 +15,16 @@ in train mode, and its forward runs under ``torch.no_grad()``.
 
 from __future__ import annotations
 
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from mole_lightning.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, SIGLIP_MEAN_STD
 
 
 def _absolute_layer(layer: int, num_layers: int) -> int:
@@ -196,9 +199,7 @@ class HFVisionTower(VisionTower):
         self.image_size = int(config.image_size)
         grid = self.image_size // int(config.patch_size)
         self.num_patches = grid * grid + (1 if has_cls and keep_cls else 0)
-        is_siglip = "siglip" in config.model_type
-        self.image_mean = (0.5, 0.5, 0.5) if is_siglip else OPENAI_CLIP_MEAN
-        self.image_std = (0.5, 0.5, 0.5) if is_siglip else OPENAI_CLIP_STD
+        self.image_mean, self.image_std = hf_mean_std(config.to_dict())
         self.freeze()
 
     @classmethod
@@ -227,7 +228,9 @@ class HFVisionTower(VisionTower):
         model_cls = SiglipVisionModel if siglip else CLIPVisionModel
         kwargs = {"dtype": dtype} if dtype is not None else {}
         model = model_cls.from_pretrained(path, **kwargs)
-        return cls(model, feature_layer=feature_layer, prune=prune)
+        tower = cls(model, feature_layer=feature_layer, prune=prune)
+        tower.image_mean, tower.image_std = hf_mean_std(model.config.to_dict(), path)
+        return tower
 
     @classmethod
     def from_config(cls, config: Any, *, feature_layer: int = -2, prune: bool = True) -> HFVisionTower:
@@ -265,3 +268,147 @@ def _encoder_layers(model: nn.Module) -> nn.ModuleList:
         if name.endswith("encoder.layers") and isinstance(module, nn.ModuleList):
             return module
     raise ValueError(f"cannot find the encoder layers of {type(model).__name__}")
+
+
+# ------------------------------------------------------------------------------------------------------ registry
+def _pair(value: Any) -> int:
+    return int(value[0]) if isinstance(value, (tuple, list)) else int(value)
+
+
+def hf_mean_std(config: dict[str, Any], folder: str | None = None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Pixel mean and std of a transformers tower: its folder's ``preprocessor_config.json`` when there is one, else
+    SigLIP's 0.5 for SigLIP configs and OpenAI CLIP's otherwise."""
+    path = os.path.join(folder, "preprocessor_config.json") if folder else None
+    if path and os.path.isfile(path):
+        with open(path, encoding="utf-8") as handle:
+            processor = json.load(handle)
+        if "image_mean" in processor and "image_std" in processor:
+            return tuple(float(v) for v in processor["image_mean"]), tuple(float(v) for v in processor["image_std"])
+    if "siglip" in str(config.get("model_type", "")):
+        return SIGLIP_MEAN_STD, SIGLIP_MEAN_STD
+    return OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+
+@dataclass(frozen=True)
+class VisionGeometry:
+    """What the data pipeline must produce for a vision tower.
+
+    Attributes:
+        num_image_tokens: features (placeholder tokens) per image.
+        image_size: square input side in pixels.
+        image_mean: per-channel normalisation mean.
+        image_std: per-channel normalisation std.
+    """
+
+    num_image_tokens: int
+    image_size: int
+    image_mean: tuple[float, float, float]
+    image_std: tuple[float, float, float]
+
+
+@dataclass(frozen=True)
+class TowerKind:
+    """A kind of vision tower: how to build it and how to read its geometry from configs alone.
+
+    Attributes:
+        build: ``build(name_or_path, pretrained, config, feature_layer, dtype) -> VisionTower``.
+        geometry: ``geometry(name_or_path, config, trust_remote_code) -> VisionGeometry`` without building anything
+            (the CLI links it into the DataModule before the model exists).
+    """
+
+    build: Callable[[str | None, str | None, dict[str, Any] | None, int, torch.dtype | None], VisionTower]
+    geometry: Callable[[str | None, dict[str, Any] | None, bool], VisionGeometry]
+
+
+VISION_TOWERS: dict[str, TowerKind] = {}
+"""Tower kinds by name (``vision:`` in a model spec); add one with :func:`register_vision_tower`."""
+
+
+def register_vision_tower(kind: str, spec: TowerKind) -> TowerKind:
+    """Register (or replace) a tower kind: ``build_vision_tower(kind=...)`` and the geometry links then use it."""
+    VISION_TOWERS[kind] = spec
+    return spec
+
+
+def tower_kind(kind: str) -> TowerKind:
+    """The registered :class:`TowerKind` ``kind``.
+
+    Raises:
+        ValueError: an unknown kind (the message lists the registered ones).
+    """
+    try:
+        return VISION_TOWERS[kind]
+    except KeyError:
+        raise ValueError(f"unknown vision tower kind {kind!r}; registered: {sorted(VISION_TOWERS)}") from None
+
+
+KNOWN_HF_TOWERS: dict[str, dict[str, Any]] = {
+    "openai/clip-vit-large-patch14-336": {"image_size": 336, "patch_size": 14, "model_type": "clip_vision_model"},
+    "openai/clip-vit-large-patch14": {"image_size": 224, "patch_size": 14, "model_type": "clip_vision_model"},
+}
+"""Geometry of common towers, used when their config cannot be read (offline, before the download)."""
+
+
+def _build_hf(name_or_path: str | None, pretrained: str | None, config: dict[str, Any] | None, feature_layer: int,
+              dtype: torch.dtype | None) -> VisionTower:  # fmt: skip
+    if name_or_path is not None:
+        return HFVisionTower.from_pretrained(name_or_path, feature_layer=feature_layer, dtype=dtype)
+    if config is None:
+        raise ValueError("an 'hf' vision tower needs `name_or_path` or `config`")
+    tower = HFVisionTower.from_config(config, feature_layer=feature_layer)
+    return tower.to(dtype) if dtype is not None else tower
+
+
+def _hf_geometry(name_or_path: str | None, config: dict[str, Any] | None, trust_remote_code: bool) -> VisionGeometry:
+    """Tokens per image (CLS not counted), size and mean/std of a transformers tower, from its config."""
+    folder = None
+    if config is not None:
+        fields = dict(config)
+    else:
+        if name_or_path is None:
+            raise ValueError("an 'hf' vision tower needs vision_name_or_path or vision_config")
+        from transformers import AutoConfig
+
+        try:
+            loaded = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        except OSError:
+            if name_or_path not in KNOWN_HF_TOWERS:
+                raise
+            fields = dict(KNOWN_HF_TOWERS[name_or_path])  # offline: a well-known tower's geometry
+        else:
+            fields = getattr(loaded, "vision_config", loaded).to_dict()
+            folder = name_or_path if os.path.isdir(name_or_path) else None
+    size, patch = _pair(fields.get("image_size", 224)), _pair(fields.get("patch_size", 16))
+    mean, std = hf_mean_std(fields, folder)
+    return VisionGeometry((size // patch) ** 2, size, mean, std)
+
+
+def _build_open_clip(name_or_path: str | None, pretrained: str | None, config: dict[str, Any] | None,
+                     feature_layer: int, dtype: torch.dtype | None) -> VisionTower:  # fmt: skip
+    return OpenCLIPVisionTower(
+        name_or_path or "ViT-L-14-336", pretrained, feature_layer=feature_layer, model_cfg=config, dtype=dtype
+    )
+
+
+def _open_clip_geometry(name_or_path: str | None, config: dict[str, Any] | None, _: bool) -> VisionGeometry:
+    """Tokens per image (class token not counted), size and OpenAI CLIP mean/std of an ``open_clip`` tower."""
+    if config is None:
+        import open_clip
+
+        config = open_clip.get_model_config(name_or_path or "ViT-L-14-336")
+        if config is None:
+            raise ValueError(f"unknown open_clip architecture {name_or_path!r}")
+    vision_cfg = config["vision_cfg"]
+    size, patch = _pair(vision_cfg["image_size"]), _pair(vision_cfg["patch_size"])
+    return VisionGeometry((size // patch) ** 2, size, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+
+
+register_vision_tower("hf", TowerKind(_build_hf, _hf_geometry))
+register_vision_tower("open_clip", TowerKind(_build_open_clip, _open_clip_geometry))
+
+
+def vision_geometry(
+    *, kind: str, name_or_path: str | None, config: dict[str, Any] | None, trust_remote_code: bool = False
+) -> VisionGeometry:
+    """Tokens per image, input size and normalisation of a registered tower kind, from configs (nothing is built)."""
+    return tower_kind(kind).geometry(name_or_path, config, trust_remote_code)

@@ -14,15 +14,9 @@ from typing import Any, Literal
 
 import torch
 
-from mole_lightning.data.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from mole_lightning.models.vision import VisionGeometry, vision_geometry
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-SIGLIP_MEAN_STD = (0.5, 0.5, 0.5)
-KNOWN_HF_TOWERS: dict[str, dict[str, Any]] = {
-    "openai/clip-vit-large-patch14-336": {"image_size": 336, "patch_size": 14, "model_type": "clip_vision_model"},
-    "openai/clip-vit-large-patch14": {"image_size": 224, "patch_size": 14, "model_type": "clip_vision_model"},
-}
-"""Geometry of common towers, used when their config cannot be read (offline, before the download)."""
 
 
 @dataclass
@@ -36,7 +30,8 @@ class ModelSpec:
         preset: ``"tiny"``, ``"llava-1.5-7b"`` or ``None`` (only the fields below).
         llm_path: LLM directory or hub id (``AutoModelForCausalLM``).
         llm_config: ``LlamaConfig`` fields of a randomly initialised LLM (used when ``llm_path`` is unset).
-        vision: vision tower kind, ``"hf"`` (transformers CLIP/SigLIP) or ``"open_clip"``.
+        vision: a registered vision tower kind (``models.vision.VISION_TOWERS``), ``"hf"`` (transformers
+            CLIP/SigLIP) or ``"open_clip"`` by default.
         vision_name_or_path: HF directory/hub id, or ``open_clip`` architecture name.
         vision_pretrained: ``open_clip`` pretrained tag or checkpoint file.
         vision_config: random-init vision config (CLIPVisionConfig fields, or an ``open_clip`` model config).
@@ -53,7 +48,7 @@ class ModelSpec:
     preset: str | None = "tiny"
     llm_path: str | None = None
     llm_config: dict[str, Any] | None = None
-    vision: Literal["hf", "open_clip"] | None = None
+    vision: str | None = None
     vision_name_or_path: str | None = None
     vision_pretrained: str | None = None
     vision_config: dict[str, Any] | None = None
@@ -143,74 +138,4 @@ class ModelSpec:
         )
 
 
-@dataclass(frozen=True)
-class VisionGeometry:
-    """What the data pipeline must produce for a vision tower.
-
-    Attributes:
-        num_image_tokens: features (placeholder tokens) per image.
-        image_size: square input side in pixels.
-        image_mean: per-channel normalisation mean.
-        image_std: per-channel normalisation std.
-    """
-
-    num_image_tokens: int
-    image_size: int
-    image_mean: tuple[float, float, float]
-    image_std: tuple[float, float, float]
-
-
-def _pair(value: Any) -> int:
-    return int(value[0]) if isinstance(value, (tuple, list)) else int(value)
-
-
-def vision_geometry(
-    *,
-    kind: str,
-    name_or_path: str | None,
-    config: dict[str, Any] | None,
-    trust_remote_code: bool = False,
-) -> VisionGeometry:
-    """Tokens per image, input size and normalisation of a vision tower, from its config (nothing is built).
-
-    Args:
-        kind: ``"hf"`` or ``"open_clip"``.
-        name_or_path: HF directory/hub id, or ``open_clip`` architecture name.
-        config: random-init config (CLIPVisionConfig fields or an ``open_clip`` model config).
-        trust_remote_code: passed to ``AutoConfig``.
-
-    Returns:
-        The geometry; CLS tokens are not counted (LLaVA's ``"default"`` feature selection).
-    """
-    if kind == "open_clip":
-        cfg = config
-        if cfg is None:
-            import open_clip
-
-            cfg = open_clip.get_model_config(name_or_path or "ViT-L-14-336")
-            if cfg is None:
-                raise ValueError(f"unknown open_clip architecture {name_or_path!r}")
-        vision_cfg = cfg["vision_cfg"]
-        size, patch = _pair(vision_cfg["image_size"]), _pair(vision_cfg["patch_size"])
-        return VisionGeometry((size // patch) ** 2, size, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
-    if config is not None:
-        fields = dict(config)
-    else:
-        if name_or_path is None:
-            raise ValueError("an 'hf' vision tower needs vision_name_or_path or vision_config")
-        from transformers import AutoConfig
-
-        try:
-            loaded = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-        except OSError:
-            if name_or_path not in KNOWN_HF_TOWERS:
-                raise
-            fields = dict(KNOWN_HF_TOWERS[name_or_path])  # offline: a well-known tower's geometry
-        else:
-            loaded = getattr(loaded, "vision_config", loaded)
-            fields = loaded.to_dict()
-    size, patch = _pair(fields.get("image_size", 224)), _pair(fields.get("patch_size", 16))
-    is_siglip = "siglip" in str(fields.get("model_type", ""))
-    mean = SIGLIP_MEAN_STD if is_siglip else OPENAI_CLIP_MEAN
-    std = SIGLIP_MEAN_STD if is_siglip else OPENAI_CLIP_STD
-    return VisionGeometry((size // patch) ** 2, size, tuple(mean), tuple(std))
+__all__ = ["DTYPES", "ModelSpec", "VisionGeometry", "vision_geometry"]
