@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from mole_lightning.data import MixedInstructionDataModule
     from mole_lightning.eval.callback import take_rows
-    from mole_lightning.eval.routing import SELECTIONS, RoutingAccumulator
+    from mole_lightning.eval.routing_analysis import SELECTIONS, RoutingAccumulator
     from mole_lightning.eval.routing_page import heatmap_pngs, render_routing_page, sample_routing
 
     sources = parse_sources(args.val)

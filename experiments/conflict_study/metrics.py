@@ -1,8 +1,8 @@
 """Statistics of the data-conflict study: the plug-in bias of routing mutual information, seed summaries,
 steps-to-threshold.
 
-Mutual information and entropy are the library's (`mole_lightning.eval.routing.mutual_information`,
-`mole_lightning.eval.routing.entropy`): the plug-in estimate in bits from a contingency table of counts::
+Mutual information and entropy are the library's (`mole_lightning.eval.routing_analysis.mutual_information`,
+`mole_lightning.eval.routing_analysis.entropy`): the plug-in estimate in bits from a contingency table of counts::
 
     I(X; E) = sum_{x,e} p(x,e) log2( p(x,e) / (p(x) p(e)) ),      p = counts / total
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from experiments.conflict_study.metrics import mutual_information_bias, steps_to_threshold
 from experiments.conflict_study.metrics import summarize as summarize_values
-from mole_lightning.eval.routing import mutual_information, source_entropy
+from mole_lightning.eval.routing_analysis import mutual_information, source_entropy
 
 
 def assemble_curves(results: list[dict[str, Any]]) -> dict[str, dict[int, dict[str, np.ndarray]]]:

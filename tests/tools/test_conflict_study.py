@@ -15,7 +15,7 @@ import torch
 from experiments.conflict_study.metrics import steps_to_threshold, summarize
 from experiments.conflict_study.tasks import TaskConfig, domain_rules, make_domain_sets, make_samples
 from mole_lightning.constants import IGNORE_INDEX
-from mole_lightning.eval.routing import mutual_information, source_entropy
+from mole_lightning.eval.routing_analysis import mutual_information, source_entropy
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -55,10 +55,10 @@ def test_mi_partial_by_hand() -> None:
 
 
 def test_routing_summary_numbers_are_kept() -> None:
-    """The study's routing numbers come from `mole_lightning.eval.routing` and equal those of its former numpy
+    """The study's routing numbers come from `mole_lightning.eval.routing_analysis` and equal those of its former numpy
     definitions (values recorded from them) up to float rounding."""
     from experiments.conflict_study import report
-    from mole_lightning.eval import routing
+    from mole_lightning.eval import routing_analysis as routing
 
     assert report.mutual_information is routing.mutual_information
     dom = [[120, 3, 40], [7, 88, 0], [15, 15, 60], [0, 0, 0]]

@@ -37,7 +37,7 @@ from mole_lightning.eval.metrics import (
 from mole_lightning.eval.normalize import extract_choice, normalize_answer, pope_yes_no
 from mole_lightning.eval.prompts import MULTIPLE_CHOICE_PROMPT, SHORT_ANSWER_PROMPT, apply_eval_prompt
 from mole_lightning.eval.questions import convert_question_file, question_records
-from mole_lightning.eval.routing import (
+from mole_lightning.eval.routing_analysis import (
     RoutingAccumulator,
     RoutingCounts,
     log_routing_to_tensorboard,

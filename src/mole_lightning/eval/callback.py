@@ -11,7 +11,7 @@ generates answers greedily with ``pl_module.model.generate`` and scores them wit
   after this callback can monitor e.g. ``gen_eval/overall/score``;
 * a Markdown text table of example generations per source (TensorBoard ``add_text``);
 * with ``log_routing``, the routing of the prompt tokens: MI(source; expert) per layer and heatmaps
-  (:mod:`mole_lightning.eval.routing`).
+  (:mod:`mole_lightning.eval.routing_analysis`).
 
 The best value of ``monitor`` and its step are kept (and saved with checkpoints).
 """
@@ -30,7 +30,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
 from mole_lightning.eval.metrics import SourceTaskMetrics, task_names, task_spec
-from mole_lightning.eval.routing import RoutingAccumulator, RoutingCounts, log_routing_to_tensorboard
+from mole_lightning.eval.routing_analysis import RoutingAccumulator, RoutingCounts, log_routing_to_tensorboard
 
 
 def take_rows(batch: dict[str, Any], count: int) -> dict[str, Any]:

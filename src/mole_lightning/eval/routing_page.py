@@ -6,7 +6,7 @@ router probabilities at every layer. :func:`render_routing_page` writes one HTML
 (PNG figures as data URIs, the per-token routing as JSON, a few lines of plain JavaScript, no external asset):
 
 * per layer, ``MI(source; expert)`` of all, image and text tokens (figure and table);
-* the source × expert heatmaps of :func:`~mole_lightning.eval.routing.plot_routing_heatmaps` for all, image and
+* the source × expert heatmaps of :func:`~mole_lightning.eval.routing_analysis.plot_routing_heatmaps` for all, image and
   text tokens, and the same fractions as tables;
 * for each sample, its prompt in grey and its answer tokens coloured by their expert at the layer chosen in a
   ``<select>``; hovering a token shows the probability of every expert at that layer.
@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from mole_lightning.constants import IGNORE_INDEX
-from mole_lightning.eval.routing import SELECTIONS, RoutingCounts, plot_routing_heatmaps
+from mole_lightning.eval.routing_analysis import SELECTIONS, RoutingCounts, plot_routing_heatmaps
 
 PALETTE = ("#a0cbe8", "#ffbe7d", "#8cd17d", "#ff9d9a", "#d4a6c8", "#86bcb6", "#f1ce63", "#fabfd2", "#d7b5a6")
 """Light colours of experts 0..8 (dark text stays readable); more experts get evenly spaced hues."""

@@ -25,7 +25,7 @@ from mole_lightning.peft.inject import (
     routing_statistics,
 )
 from mole_lightning.peft.layers import LoRALinear, MoLELinear
-from mole_lightning.peft.routing import MoLEAux, MoLERouter, RoutingDecision
+from mole_lightning.peft.router import MoLEAux, MoLERouter, RoutingDecision
 
 __all__ = [
     "BALANCE_MODES",

@@ -21,7 +21,7 @@ from torch import nn
 
 from mole_lightning.peft.config import MoLEConfig
 from mole_lightning.peft.layers import LoRALinear, MoLELinear, _FrozenLinearBase, adapter_device
-from mole_lightning.peft.routing import MoLEAux, MoLERouter, pooled_balance_loss, switch_balance_loss, z_loss
+from mole_lightning.peft.router import MoLEAux, MoLERouter, pooled_balance_loss, switch_balance_loss, z_loss
 
 DEFAULT_EXCLUDE: tuple[str, ...] = (
     "vision_tower",

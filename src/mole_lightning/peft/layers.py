@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mole_lightning.peft.routing import MoLERouter, RoutingDecision
+from mole_lightning.peft.router import MoLERouter, RoutingDecision
 
 
 def adapter_device(weight: torch.Tensor) -> torch.device:

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from mole_lightning.eval.routing import RoutingAccumulator, RoutingCounts, layer_label, mutual_information
+from mole_lightning.eval.routing_analysis import RoutingAccumulator, RoutingCounts, layer_label, mutual_information
 
 
 def test_mi_independent_is_zero():

@@ -139,7 +139,7 @@ def test_decoding_mask_uses_last_columns():
 
 
 def test_fp32_router_on_bf16_inputs_matches_autograd_reference():
-    from mole_lightning.peft.routing import fp32_linear
+    from mole_lightning.peft.router import fp32_linear
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(6, 8, generator=gen).to(torch.bfloat16).requires_grad_(True)
