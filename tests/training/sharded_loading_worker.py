@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from mole_lightning.peft import MoLEConfig  # noqa: E402
 from mole_lightning.training import ModelSpec, MoLELightningModule  # noqa: E402
-from tests.training.token_rows_fsdp2_worker import end_process_group  # noqa: E402
+from tests.ranks import end_process_group  # noqa: E402
 
 MOLE = MoLEConfig(num_experts=3, rank=4, alpha=8.0, dropout=0.0, balance_coef=0.01)
 SEED = 7

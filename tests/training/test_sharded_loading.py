@@ -4,34 +4,20 @@ unsharded ``from_pretrained`` build exactly: every parameter, every buffer, the 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.ranks import run_ranks
 from tests.realformats import clip_336_folder, llama_folder, mm_projector_bin, vicuna_tokenizer
-from tests.training.test_token_rows_fsdp2 import free_port
 
 WORKER = Path(__file__).with_name("sharded_loading_worker.py")
 ROOT = WORKER.parents[2]
 
 
 def run_workers(tmp_path: Path, spec: dict) -> dict:
-    port, out = free_port(), tmp_path / "result.json"
-    processes = []
-    for rank in range(2):
-        env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE")}
-        env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        env["OMP_NUM_THREADS"] = "1"
-        command = [sys.executable, str(WORKER), "--spec", json.dumps(spec), "--out", str(out)]
-        log = open(tmp_path / f"log{rank}.txt", "w")  # noqa: SIM115 (closed below)
-        processes.append((subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log))
-    for process, log in processes:
-        code = process.wait(timeout=300)
-        log.close()
-        assert code == 0, (tmp_path / "log0.txt").read_text()[-3000:] + (tmp_path / "log1.txt").read_text()[-3000:]
+    out = tmp_path / "result.json"
+    run_ranks(WORKER, ["--spec", json.dumps(spec), "--out", str(out)], tmp_path)
     return json.loads(out.read_text())
 
 

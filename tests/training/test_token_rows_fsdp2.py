@@ -3,25 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.models.conftest import llama_config_kwargs, word_tokenizer
+from tests.ranks import run_ranks
 
 WORKER = Path(__file__).with_name("token_rows_fsdp2_worker.py")
 ROOT = WORKER.parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -32,19 +23,8 @@ def test_new_token_rows_stay_the_only_trained_rows_under_fsdp2(tmp_path):
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(**llama_config_kwargs(len(tokenizer)))).save_pretrained(tmp_path / "llm")
     tokenizer.save_pretrained(tmp_path / "llm")
-    port, out = free_port(), tmp_path / "result.json"
-    processes = []
-    for rank in range(2):
-        env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE")}
-        env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        env["OMP_NUM_THREADS"] = "1"
-        command = [sys.executable, str(WORKER), "--llm", str(tmp_path / "llm"), "--out", str(out)]
-        log = open(tmp_path / f"log{rank}.txt", "w")  # noqa: SIM115 (closed below)
-        processes.append((subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log))
-    for process, log in processes:
-        code = process.wait(timeout=300)
-        log.close()
-        assert code == 0, (tmp_path / "log0.txt").read_text()[-3000:] + (tmp_path / "log1.txt").read_text()[-3000:]
+    out = tmp_path / "result.json"
+    run_ranks(WORKER, ["--llm", str(tmp_path / "llm"), "--out", str(out)], tmp_path)
     result = json.loads(out.read_text())
     assert result["sharded"] and result["start"] == 44 and result["rows"] == 45
     # the sharded gradient reaches the frozen rows (the model's autograd hooks cannot see it) ...

@@ -7,9 +7,7 @@ Builds a tiny LLaVA-MoLE whose added ``<image>`` row of the LM head trains, shar
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -22,6 +20,7 @@ from mole_lightning.models import build_llava_mole  # noqa: E402
 from mole_lightning.peft import MoLEConfig  # noqa: E402
 from mole_lightning.training.strategies import fully_shard_llava_mole  # noqa: E402
 from tests.models.conftest import _make_batch, clip_config_kwargs  # noqa: E402
+from tests.ranks import end_process_group  # noqa: E402
 
 
 def full(weight: torch.Tensor) -> torch.Tensor:
@@ -65,23 +64,6 @@ def main() -> None:
             "new_rows_changed": bool(change[start:].any()),
         }
         Path(args.out).write_text(json.dumps(result))
-
-
-def end_process_group() -> None:
-    """Tear down so that no gloo thread outlives the interpreter.
-
-    Both ranks first wait for each other (no rank closes its sockets while the other still has collectives in
-    flight), the sharded model and its communication state are freed while the process group exists, the group is
-    destroyed, and the process exits without interpreter finalization: gloo's C++ threads and work objects would
-    otherwise be destroyed during finalization, which aborts a rank now and then with "terminate called without an
-    active exception" (exit -6).
-    """
-    dist.barrier()
-    gc.collect()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 if __name__ == "__main__":
