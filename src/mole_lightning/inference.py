@@ -90,20 +90,19 @@ def load_checkpoint_tensors(module: Any, path: str | os.PathLike) -> None:
         InferenceError: the file is missing, or its tensors do not fit the model (missing, extra or mis-shaped
             trainable tensors, e.g. another ``num_experts``).
     """
-    from mole_lightning.models import clean_parameter_name
-    from mole_lightning.training.export import read_checkpoint
+    from mole_lightning.training.export import load_checkpoint_state, read_checkpoint
 
     path = Path(path)
     if not path.is_file():
         raise InferenceError(f"checkpoint not found: {path}")
     try:
         checkpoint = read_checkpoint(path)
-        state = {clean_parameter_name(k): v for k, v in checkpoint["state_dict"].items()}
     except Exception as error:
         raise InferenceError(f"cannot read checkpoint {path}: {type(error).__name__}: {error}") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise InferenceError(f"cannot read checkpoint {path}: it holds no state_dict")
     try:
-        module.on_load_checkpoint({"state_dict": state})  # every trainable tensor present
-        result = module.load_state_dict(state, strict=False)  # shapes checked here
+        result = load_checkpoint_state(module, checkpoint)  # every trainable tensor present, shapes checked
     except (KeyError, RuntimeError) as error:
         reason = " ".join(str(error).strip("'\"").split())
         raise InferenceError(f"checkpoint {path} does not match the config: {reason[:400]}") from None

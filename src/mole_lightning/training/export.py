@@ -39,10 +39,23 @@ def module_from_checkpoint(path: str | os.PathLike) -> MoLELightningModule:
     checkpoint = read_checkpoint(path)
     module = MoLELightningModule.from_hparams(checkpoint["hyper_parameters"])
     module.configure_model()
-    state = {clean_parameter_name(k): v for k, v in checkpoint["state_dict"].items()}
-    module.on_load_checkpoint({"state_dict": state})  # raises on missing trainable tensors
-    module.load_state_dict(state, strict=False)
+    load_checkpoint_state(module, checkpoint)
     return module
+
+
+def load_checkpoint_state(module: MoLELightningModule, checkpoint: dict[str, Any]) -> Any:
+    """Load a checkpoint's trainable tensors into a configured module (wrapper components removed from the names).
+
+    Returns:
+        ``load_state_dict``'s result (its ``unexpected_keys`` name tensors the model lacks).
+
+    Raises:
+        KeyError: the checkpoint lacks trainable tensors of the module (``on_load_checkpoint``'s check).
+        RuntimeError: a tensor's shape differs from the module's.
+    """
+    state = {clean_parameter_name(k): v for k, v in checkpoint["state_dict"].items()}
+    module.on_load_checkpoint({"state_dict": state})
+    return module.load_state_dict(state, strict=False)
 
 
 def load_trained_model(path: str | os.PathLike) -> tuple[LlavaMoLE, dict[str, Any] | None]:
