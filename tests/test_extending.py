@@ -1,11 +1,20 @@
-"""The recipes of docs/extending.md, done as written: a chat template, an eval task, what a checkpoint holds and a
-vision tower."""
+"""The recipes of docs/extending.md, done as written: a chat template, an eval task, what a checkpoint holds, a gate
+mode and a vision tower."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import math
+from pathlib import Path
+
+import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 from torchmetrics import Metric
 
+from mole_lightning.cli import cli_main
 from mole_lightning.constants import IGNORE_INDEX
 from mole_lightning.data.templates import TEMPLATES, RenderedConversation, encode_conversation, register_template
 from mole_lightning.eval import TASK_SPECS, SourceTaskMetrics, TaskSpec, apply_eval_prompt, infer_task, register_task
@@ -19,6 +28,7 @@ from mole_lightning.models import (
     select_trainable,
     trainable_names,
 )
+from mole_lightning.peft import GATES, GateSpec, MoLEConfig, apply_mole, register_gate
 from mole_lightning.tokenization import load_tokenizer
 from mole_lightning.training import ModelSpec
 
@@ -95,6 +105,50 @@ def test_a_tensor_made_trainable_is_what_the_checkpoint_holds():
     assert "language_model.model.norm.weight" in names
     kept = select_trainable(model.state_dict(), names)
     assert set(kept) == set(names) and "language_model.model.embed_tokens.weight" not in kept
+
+
+def squared_top_prob(probs, expert):
+    """A toy gate: the chosen expert's delta scaled by its probability squared."""
+    one_hot = F.one_hot(expert, probs.shape[-1]).to(probs.dtype)  # (T, K)
+    return one_hot * probs.gather(1, expert[:, None]).square()
+
+
+def test_a_registered_gate_mode_weights_the_experts_and_trains_the_router(monkeypatch):
+    register_gate("squared", GateSpec(squared_top_prob))
+    register_gate("frozen_router", GateSpec(squared_top_prob, router_gradient=False))
+    try:
+        # Identity router on 2-d inputs, A_e = I, B_e = (e + 1) I, zero base: delta = scale * coeff * (e + 1) * x.
+        ln3 = math.log(3.0)
+        x = torch.tensor([[0.0, ln3], [ln3, 0.0]])  # probs (.25, .75) -> expert 1; (.75, .25) -> expert 0
+        mlp = nn.Module()
+        mlp.up_proj = nn.Linear(2, 2, bias=False)
+        mlp.forward = lambda inp: mlp.up_proj(inp)
+        nn.init.zeros_(mlp.up_proj.weight)
+        config = MoLEConfig(num_experts=2, rank=2, alpha=3.0, dropout=0.0, gate="squared", mlp_targets=["up_proj"])
+        apply_mole(mlp, config)
+        with torch.no_grad():
+            mlp.router.weight.copy_(torch.eye(2))
+            mlp.router.bias.zero_()
+            mlp.up_proj.lora_A.copy_(torch.eye(2).expand(2, 2, 2))
+            mlp.up_proj.lora_B.copy_(torch.stack([torch.eye(2), 2 * torch.eye(2)]))
+        out = mlp(x)
+        expected = 1.5 * torch.tensor([[0.75**2 * 2.0], [0.75**2 * 1.0]]) * x
+        torch.testing.assert_close(out, expected)
+        out.sum().backward()
+        assert torch.count_nonzero(mlp.router.weight.grad) > 0  # the coefficient carries the task gradient
+
+        with pytest.raises(ValueError, match="never trains the router"):
+            MoLEConfig(gate="frozen_router", balance_coef=0.0)
+        monkeypatch.chdir(Path(__file__).parents[1])
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed), pytest.raises(SystemExit) as exit_info:
+            cli_main(["fit", "--config", "configs/demo.yaml", "--model.mole.gate", "squared", "--print_config"])
+        assert exit_info.value.code in (0, None) and "gate: squared" in printed.getvalue()
+    finally:
+        GATES.pop("squared")
+        GATES.pop("frozen_router")
+    with pytest.raises(ValueError, match="registered gate mode"):
+        MoLEConfig(gate="squared")
 
 
 class PatchMeanTower(VisionTower):

@@ -33,7 +33,7 @@ from torch import nn
 
 from experiments.conflict_study.base import BaseConfig, load_base, lr_factor
 from experiments.conflict_study.tasks import DomainSet, TaskConfig, domain_rules, make_domain_sets
-from mole_lightning.peft import MoLEConfig, apply_mole, collect_aux, iter_routers, routing_mask
+from mole_lightning.peft import MoLEConfig, apply_mole, collect_aux, gate_spec, iter_routers, routing_mask
 
 METHOD_KINDS: tuple[str, ...] = ("single", "mix", "mix2x", "mix_long", "dense", "mole", "soft")
 
@@ -258,7 +258,7 @@ def adapter_counts(model: nn.Module, method: MethodSpec) -> tuple[int, int]:
         n = param.numel()
         trainable += n
         is_expert = method.routed and name.rsplit(".", 1)[-1] in ("lora_A", "lora_B") and param.dim() == 3
-        activated += n // method.num_experts if is_expert and method.gate != "soft" else n
+        activated += n // method.num_experts if is_expert and not gate_spec(method.gate).dense else n
     return trainable, activated
 
 

@@ -167,7 +167,7 @@ def test_gradient_checkpointing_gives_same_loss_grads_and_stats(tiny_lm):
         ("rank", -1, "rank must be an integer >= 1"),
         ("alpha", 0, "alpha must be > 0"),
         ("dropout", 1.0, r"dropout must be in \[0, 1\)"),
-        ("gate", "top2", "gate must be one of"),
+        ("gate", "top2", "gate must be a registered gate mode"),
         ("balance", "cv2", "balance must be one of"),
         ("impl", "triton", "impl must be one of"),
         ("balance_coef", -0.1, "balance_coef must be >= 0"),

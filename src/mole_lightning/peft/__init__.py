@@ -10,7 +10,8 @@ Typical use on any Llama-family model::
     loss = out.loss + collect_aux(model).total
 """
 
-from mole_lightning.peft.config import BALANCE_MODES, COMPUTE_IMPLS, GATE_MODES, MoLEConfig
+from mole_lightning.peft.config import BALANCE_MODES, COMPUTE_IMPLS, MoLEConfig
+from mole_lightning.peft.gates import GATES, GateSpec, gate_spec, register_gate
 from mole_lightning.peft.inject import (
     DEFAULT_EXCLUDE,
     adapter_parameters,
@@ -31,7 +32,8 @@ __all__ = [
     "BALANCE_MODES",
     "COMPUTE_IMPLS",
     "DEFAULT_EXCLUDE",
-    "GATE_MODES",
+    "GATES",
+    "GateSpec",
     "LoRALinear",
     "MoLEAux",
     "MoLEConfig",
@@ -44,8 +46,10 @@ __all__ = [
     "clear_routing",
     "collect_aux",
     "expert_counts_per_sample",
+    "gate_spec",
     "iter_routers",
     "load_adapter_state_dict",
+    "register_gate",
     "routing_mask",
     "routing_statistics",
 ]

@@ -10,11 +10,11 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
-GateMode = Literal["prob", "straight_through", "none", "soft"]
+from mole_lightning.peft.gates import GATES
+
 BalanceMode = Literal["switch", "pooled"]
 ComputeImpl = Literal["auto", "dense_masked", "grouped", "loop"]
 
-GATE_MODES: tuple[str, ...] = get_args(GateMode)
 BALANCE_MODES: tuple[str, ...] = get_args(BalanceMode)
 COMPUTE_IMPLS: tuple[str, ...] = get_args(ComputeImpl)
 
@@ -31,11 +31,12 @@ class MoLEConfig:
         attn_targets: names of attention projections that get plain LoRA (matched on the last name component).
         mlp_targets: names of MLP projections that get K experts (matched on the last name component inside a
             module that holds at least one of them).
-        gate: how the top-1 router's probability enters the output. ``"prob"``: expert delta scaled by its top-1
-            probability (Switch Transformer). ``"straight_through"``: unscaled forward, gradient through the
-            probability. ``"none"``: unscaled; the router learns only from the balance loss (the official code's
-            sparse path). ``"soft"``: dense mixture, every expert weighted by the softmax (the official released
-            config; for comparison, costs K times plain LoRA).
+        gate: name of a registered gate mode (`peft.gates`: how the top-1 router's probability enters the
+            output). ``"prob"``: expert delta scaled by its top-1 probability (Switch Transformer).
+            ``"straight_through"``: unscaled forward, gradient through the probability. ``"none"``: unscaled; the
+            router learns only from the balance loss (the official code's sparse path). ``"soft"``: dense mixture,
+            every expert weighted by the softmax (the official released config; costs K times plain LoRA).
+            `register_gate` adds more.
         balance: ``"switch"``: K * sum_i f_i * P_i per layer, averaged over layers. ``"pooled"``: the official
             variant, per sample over all layers' valid tokens pooled, sum_i f_i * P_i without the K factor,
             averaged over samples.
@@ -55,7 +56,7 @@ class MoLEConfig:
     dropout: float = 0.05
     attn_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     mlp_targets: list[str] = field(default_factory=lambda: ["gate_proj", "up_proj", "down_proj"])
-    gate: GateMode = "prob"
+    gate: str = "prob"
     balance: BalanceMode = "switch"
     balance_coef: float = 0.01
     z_loss_coef: float = 0.0
@@ -73,8 +74,8 @@ class MoLEConfig:
             raise ValueError(f"MoLEConfig.alpha must be > 0, got {self.alpha!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"MoLEConfig.dropout must be in [0, 1), got {self.dropout!r}")
-        if self.gate not in GATE_MODES:
-            raise ValueError(f"MoLEConfig.gate must be one of {GATE_MODES}, got {self.gate!r}")
+        if self.gate not in GATES:
+            raise ValueError(f"MoLEConfig.gate must be a registered gate mode {sorted(GATES)}, got {self.gate!r}")
         if self.balance not in BALANCE_MODES:
             raise ValueError(f"MoLEConfig.balance must be one of {BALANCE_MODES}, got {self.balance!r}")
         if self.impl not in COMPUTE_IMPLS:
@@ -82,10 +83,10 @@ class MoLEConfig:
         for name in ("balance_coef", "z_loss_coef"):
             if getattr(self, name) < 0:
                 raise ValueError(f"MoLEConfig.{name} must be >= 0, got {getattr(self, name)!r}")
-        if self.gate == "none" and self.num_experts > 1 and self.balance_coef == 0:
+        if not GATES[self.gate].router_gradient and self.num_experts > 1 and self.balance_coef == 0:
             raise ValueError(
-                "MoLEConfig: gate='none' with balance_coef=0 never trains the router (the balance loss is its only "
-                "gradient); set balance_coef > 0 (official: 0.05 with balance='pooled') or use gate='prob'"
+                f"MoLEConfig: gate={self.gate!r} with balance_coef=0 never trains the router (the balance loss is its "
+                "only gradient); set balance_coef > 0 (official: 0.05 with balance='pooled') or use gate='prob'"
             )
         overlap = set(self.attn_targets) & set(self.mlp_targets)
         if overlap:

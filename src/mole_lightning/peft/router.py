@@ -10,12 +10,8 @@ Router (computed in fp32 whatever the model dtype)::
     probs  = softmax(logits)        # (T, K)
     expert = argmax(probs)          # (T,)
 
-Per-token expert coefficient ``coeff`` (T, K) that multiplies the expert's rank-r intermediate, by gate mode:
-
-    prob              one_hot(expert) * p_top                              (Switch Transformer)
-    straight_through  one_hot(expert) * (p_top - stopgrad(p_top) + 1)      (forward 1, gradient through p_top)
-    none              one_hot(expert)                                      (router learns from the balance loss only)
-    soft              probs                                                (dense mixture of all experts)
+Per-token expert coefficient ``coeff`` (T, K) that multiplies the expert's rank-r intermediate: given by the gate
+mode (`peft.gates`: ``prob``, ``straight_through``, ``none``, ``soft`` or a registered one).
 
 Losses, over valid (non-padding) tokens only:
 
@@ -35,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mole_lightning.peft.config import MoLEConfig
+from mole_lightning.peft.gates import gate_spec
 
 
 @dataclass
@@ -191,23 +188,13 @@ class MoLERouter(nn.Module):
         logits = fp32_linear(x.reshape(-1, self.in_features), self.weight.float(), bias)  # (T, K) fp32
         probs = logits.softmax(dim=-1)  # (T, K)
         expert = probs.argmax(dim=-1)  # (T,)
-        gate = self.config.gate
-        if gate == "soft":
-            coeff = probs
-        else:
-            one_hot = F.one_hot(expert, self.num_experts).to(probs.dtype)  # (T, K)
-            if gate == "none":
-                coeff = one_hot
-            else:
-                top_prob = probs.gather(1, expert[:, None])  # (T, 1)
-                if gate == "straight_through":
-                    top_prob = top_prob - top_prob.detach() + 1.0
-                coeff = one_hot * top_prob
+        gate = gate_spec(self.config.gate)
+        coeff = gate.coefficients(probs, expert)  # (T, K)
         if not _in_backward_pass():  # activation-checkpoint recomputation keeps the forward's record (and its mask)
             batch_size = leading_shape[0] if len(leading_shape) == 2 else 1
             valid = self._valid_tokens(leading_shape, x.device)
             self.record = RouterRecord(logits=logits, probs=probs, expert=expert, valid=valid, batch_size=batch_size)
-        self.decision = RoutingDecision(expert=expert, coeff=coeff, dense=gate == "soft")
+        self.decision = RoutingDecision(expert=expert, coeff=coeff, dense=gate.dense)
         return self.decision
 
     def route_mlp_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
