@@ -137,7 +137,7 @@ def test_mole_over_4bit_base_matches_the_dequantized_reference_in_outputs_and_gr
     torch.manual_seed(1)
     apply_mole(reference, config)
     with torch.no_grad():  # non-zero experts and a router that uses all of them, identical in both
-        for (name, p), (_, q) in zip(quantized.named_parameters(), reference.named_parameters()):
+        for p, q in zip(quantized.parameters(), reference.parameters()):
             if p.requires_grad:
                 p.normal_(0, 0.5)
                 q.copy_(p)
