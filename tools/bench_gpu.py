@@ -13,8 +13,9 @@ Sections (each skipped with a note once it would end after ``--budget-s``):
    tokens/s, MFU (FLOPs of ``mole_lightning.training.throughput.training_flops`` over the bf16 dense peak, 989
    TFLOP/s for an H200 by default), peak memory (``torch.cuda.max_memory_allocated``). When the batch does not fit,
    it is halved until it does and the batch used is reported.
-2. QLoRA (``--qlora``, needs ``bitsandbytes``): the frozen LLM projections stored as nf4 with double quantisation;
-   peak memory and step time against the bf16 rows.
+2. QLoRA (``--qlora``, needs ``bitsandbytes``): the frozen LLM projections stored as nf4 with double quantisation
+   (the library's ``quantize="nf4"`` for ours, ``quantize_linears`` on the peft model); peak memory and step time
+   against the bf16 rows. Never sharded: these rows run plain under torchrun too.
 3. decoding with the KV cache (``generate``, greedy, a fixed number of new tokens): per-token latency at batch 1 and
    16, MoLE vs plain LoRA; per-token = (time for N new tokens − time for 1) / (N − 1), so the prompt is excluded.
 
@@ -217,57 +218,15 @@ def image_tokens(shape: dict[str, Any]) -> int:
 
 
 # ------------------------------------------------------------------------------------------------------ models
-def quantize_projections(module: torch.nn.Module, names: list[str], device: torch.device) -> int:
-    """Replace every ``nn.Linear`` named like ``names`` under ``module`` by an nf4, double-quantised
-    ``bitsandbytes`` ``Linear4bit`` (bf16 compute); returns how many were replaced."""
-    import bitsandbytes as bnb
-
-    targets = [
-        (name, child)
-        for name, child in module.named_modules()
-        if name.rpartition(".")[2] in names and type(child) is torch.nn.Linear
-    ]
-    for name, linear in targets:
-        quantized = bnb.nn.Linear4bit(
-            linear.in_features,
-            linear.out_features,
-            bias=linear.bias is not None,
-            compute_dtype=torch.bfloat16,
-            quant_type="nf4",
-            compress_statistics=True,
-            device="meta",
-        )
-        quantized.weight = bnb.nn.Params4bit(
-            linear.weight.data, requires_grad=False, quant_type="nf4", compress_statistics=True
-        )
-        if linear.bias is not None:
-            quantized.bias = torch.nn.Parameter(linear.bias.data, requires_grad=False)
-        parent_name, _, child_name = name.rpartition(".")
-        setattr(module.get_submodule(parent_name) if parent_name else module, child_name, quantized.to(device))
-    return len(targets)
-
-
-def use_4bit_bases(model: torch.nn.Module) -> None:
-    """Let our LoRA/MoLE layers run a 4-bit base: their ``base_forward`` (``F.linear`` on a dense weight) becomes
-    ``bitsandbytes.matmul_4bit`` on the packed weight, per layer instance."""
-    import bitsandbytes as bnb
-
-    from mole_lightning.peft.layers import _FrozenLinearBase
-
-    for layer in model.modules():
-        if isinstance(layer, _FrozenLinearBase) and hasattr(layer.weight, "quant_state"):
-            weight, bias = layer.weight, layer.bias
-
-            def base_forward(x: torch.Tensor, weight: Any = weight, bias: Any = bias) -> torch.Tensor:
-                return bnb.matmul_4bit(x, weight.t(), bias=bias, quant_state=weight.quant_state)
-
-            layer.base_forward = base_forward
-
-
 def build_ours(
     shape: dict[str, Any], num_experts: int, device: torch.device, mesh: Any, qlora: bool = False
 ) -> tuple[torch.nn.Module, Callable[[dict[str, torch.Tensor]], torch.Tensor]]:
-    """Our LlavaMoLE from configs (K experts on every MLP, K=1: plain LoRA), on the device, with its loss."""
+    """Our LlavaMoLE from configs (K experts on every MLP, K=1: plain LoRA), on the device, with its loss.
+
+    ``qlora``: the LLM's linear layers (not the LM head) as nf4 with double quantisation through the library's
+    ``quantize="nf4"`` (our layers run the packed base through ``bitsandbytes.matmul_4bit``); never sharded (FSDP2
+    does not take a 4-bit base), so the row runs plain even under torchrun.
+    """
     from mole_lightning.models import build_llava_mole
     from mole_lightning.peft import MoLEConfig
 
@@ -288,17 +247,14 @@ def build_ours(
             vision_config=dict(shape["vision"]),
             feature_layer=-2,
             projector="mlp2x_gelu",
-            mole=None if qlora else mole,
+            mole=mole,
             dtype=torch.bfloat16,
             attn_implementation="sdpa",
+            quantize="nf4" if qlora else None,
         )
-    if qlora:
-        quantize_projections(model.language_model, ATTN_TARGETS + MLP_TARGETS, device)
-        model.apply_mole(mole)
-        use_4bit_bases(model)
     model.to(device)
     model.gradient_checkpointing_enable()
-    if mesh is not None:
+    if mesh is not None and not qlora:
         from mole_lightning.training.strategies import fully_shard_llava_mole
 
         fully_shard_llava_mole(model, mesh)
@@ -334,7 +290,9 @@ def build_hf_peft(
     with torch.device(device):
         base = LlavaForConditionalGeneration._from_config(config, attn_implementation="sdpa", dtype=torch.bfloat16)
     if qlora:
-        quantize_projections(base.model.language_model, ATTN_TARGETS + MLP_TARGETS, device)
+        from mole_lightning.peft.quantization import quantize_linears
+
+        quantize_linears(base.model.language_model, "nf4", compute_dtype=torch.bfloat16)  # the same codes as ours
     base.to(device)
     enable_hf_checkpointing(base)
     lora = LoraConfig(
@@ -463,7 +421,7 @@ def measure_training(
         "trainable_params": sum(p.numel() for p in trainable),
         "trainable_dtypes": sorted({str(p.dtype) for p in trainable}),
         "build_s": build_s,
-        "fsdp2": mesh is not None and not variant.startswith("hf"),
+        "fsdp2": mesh is not None and not variant.startswith("hf") and not qlora,
     }
     print(f"  {label}: batch {batch_size} x {seq}, median step {median:.3f} s, build {build_s:.0f} s", flush=True)
     del model, optimizer, loss_fn, batch

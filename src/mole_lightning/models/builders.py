@@ -1,6 +1,7 @@
 """Keyword-only builders that assemble a :class:`LlavaMoLE` from names, paths or configs, and the presets.
 
-- :func:`build_language_model`: a transformers causal LM from a directory (``AutoModelForCausalLM``) or a config.
+- :func:`build_language_model`: a transformers causal LM from a directory (``AutoModelForCausalLM``) or a config,
+  optionally with a 4-bit bitsandbytes base (QLoRA).
 - :func:`resize_embeddings`: the LM embeddings grow only when the tokenizer (prepared by
   :mod:`mole_lightning.tokenization`: ``<image>`` added, pad = unk) outgrows them.
 - :func:`build_vision_tower`: ``open_clip`` or transformers CLIP/SigLIP tower.
@@ -22,6 +23,7 @@ from mole_lightning.constants import DEFAULT_IMAGE_TOKEN
 from mole_lightning.models.llava_mole import LlavaMoLE
 from mole_lightning.models.projector import build_projector
 from mole_lightning.models.vision import VisionTower, tower_kind
+from mole_lightning.peft.quantization import bitsandbytes_config, check_quantize, quantize_linears
 from mole_lightning.tokenization import add_image_token, load_tokenizer, prepare_tokenizer, require_local_path
 
 VisionKind = str
@@ -92,6 +94,7 @@ def build_language_model(
     dtype: torch.dtype | None = None,
     attn_implementation: str | None = None,
     trust_remote_code: bool = False,
+    quantize: str | None = None,
 ) -> nn.Module:
     """A transformers causal LM (Llama family) from a directory or a config (random init).
 
@@ -101,21 +104,32 @@ def build_language_model(
         dtype: weight dtype (``None``: the checkpoint's / float32).
         attn_implementation: ``"sdpa"``, ``"eager"``, ``"flash_attention_2"``… (``None``: transformers' default).
         trust_remote_code: allow custom modeling code from the directory.
+        quantize: ``"nf4"`` or ``"fp4"``: every ``nn.Linear`` but the LM head becomes a frozen bitsandbytes
+            ``Linear4bit`` (double quantisation, matmul in ``dtype``, float32 when unset). From a directory through
+            ``from_pretrained(path, quantization_config=BitsAndBytesConfig(...))`` (on the current CUDA device when
+            there is one, else on CPU); from a config by :func:`~mole_lightning.peft.quantization.quantize_linears`
+            after building.
     """
     from transformers import AutoModelForCausalLM, LlamaConfig
 
+    check_quantize(quantize)
     kwargs: dict[str, Any] = {}
     if dtype is not None:
         kwargs["dtype"] = dtype
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     if path is not None:
+        if quantize is not None:
+            kwargs["quantization_config"] = bitsandbytes_config(quantize, dtype)
         return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
     if config is None:
         raise ValueError("build_language_model needs `path` or `config`")
     if isinstance(config, dict):
         config = LlamaConfig(**config)
-    return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, **kwargs)
+    model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, **kwargs)
+    if quantize is not None:
+        quantize_linears(model, quantize, compute_dtype=dtype or torch.float32)
+    return model
 
 
 def resize_embeddings(language_model: nn.Module, tokenizer: Any, *, pad_to_multiple_of: int | None = None) -> int:
@@ -176,6 +190,7 @@ def build_llava_mole(
     pad_to_multiple_of: int | None = None,
     trust_remote_code: bool = False,
     frozen_on_meta: bool = False,
+    quantize: str | None = None,
 ) -> LlavaMoLE:
     """Assemble vision tower, projector and (MoLE-adapted) LLM.
 
@@ -206,10 +221,18 @@ def build_llava_mole(
             ``vision_name_or_path`` folder) with their parameters on the meta device, to be sharded and loaded by
             :func:`~mole_lightning.models.sharded_loading.shard_and_load` (``model.weight_sources`` says where each
             comes from). Everything else, random draws included, is built as without it.
+        quantize: ``"nf4"`` (QLoRA) or ``"fp4"``: the LLM's linear layers (not the LM head, the vision tower or the
+            projector) as frozen 4-bit bitsandbytes weights (see :func:`build_language_model`); the adapters run
+            over them unchanged. Not with ``frozen_on_meta``.
     """
     from mole_lightning.models import sharded_loading
     from mole_lightning.models.loading import load_projector
 
+    if check_quantize(quantize) is not None and frozen_on_meta:
+        raise ValueError(
+            f"quantize={quantize!r} cannot be combined with frozen_on_meta (sharded loading for FSDP2): a 4-bit base "
+            "is not sharded; train it on one device or with DDP"
+        )
     for path, what in ((llm_path, "LLM folder"), (projector_path, "projector file")):
         if path is not None:
             require_local_path(path, what)
@@ -249,6 +272,7 @@ def build_llava_mole(
             dtype=dtype,
             attn_implementation=attn_implementation,
             trust_remote_code=trust_remote_code,
+            quantize=quantize,
         )
         first_new_row = resize_embeddings(language_model, tokenizer, pad_to_multiple_of=pad_to_multiple_of)
 

@@ -9,6 +9,9 @@
   ``LlavaProcessor`` files) that transformers, vLLM and SGLang load; plain LoRA (K = 1) is merged into the base
   weights, ``W + (alpha / r) (A B)^T``. Routed experts (K > 1) cannot be merged: routing is per token.
 
+A model over a 4-bit base (QLoRA) exports its adapter (``mole``, ``peft`` with ``base``); ``llava-hf`` and
+``write_base`` are refused: they would write the 4-bit weights, not the full-precision base the adapter belongs on.
+
 :func:`export_model` writes any of them atomically (temporary folder renamed into place) and never overwrites a
 non-empty folder unless asked.
 """
@@ -30,6 +33,7 @@ from mole_lightning.models.llava_mole import LlavaMoLE
 from mole_lightning.models.loading import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, save_adapters
 from mole_lightning.models.projector import MLPProjector, projector_name
 from mole_lightning.models.vision import HFVisionTower, _encoder_layers, _has_cls
+from mole_lightning.peft.quantization import is_quantized
 
 EXPORT_FORMATS = ("mole", "peft", "llava-hf")
 BASE_DIR_NAME = "base"
@@ -368,7 +372,7 @@ def export_model(
 
     Raises:
         ExportError: the model cannot be written in that format (K > 1 with merge, open_clip tower to llava-hf, no
-            base for peft, ...).
+            base for peft, llava-hf or write_base from a 4-bit base, ...).
     """
     if to not in EXPORT_FORMATS:
         raise ExportError(f"unknown export format {to!r}; expected one of {EXPORT_FORMATS}")
@@ -380,6 +384,12 @@ def export_model(
         raise ExportError("--write-base applies to --to mole / peft")
     if base is not None and write_base:
         raise ExportError("pass either --base or --write-base, not both")
+    if (to == "llava-hf" or write_base) and is_quantized(model.language_model):
+        raise ExportError(
+            "the language model is a 4-bit base (architecture.quantize): merging into it or writing it as llava-hf "
+            "would ship 4-bit weights; export the adapter with --to mole, or --to peft --base DIR (the full-precision "
+            "llava-hf base), and merge onto the full-precision base"
+        )
     directory = Path(directory).absolute()
     if write_base:
         base = str(directory / BASE_DIR_NAME)

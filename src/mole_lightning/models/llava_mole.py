@@ -428,7 +428,9 @@ class LlavaMoLE(nn.Module):
     def _apply(self, fn: Any, recurse: bool = True) -> LlavaMoLE:
         """Conversions (``.to(dtype)``, ``.half()``, Lightning's ``bf16-true`` plugin) change the dtype of frozen
         tensors only: trainable ones (adapters, routers, projector; fp32 master weights) keep their dtype, so an
-        update smaller than bf16 resolution is not lost. Device moves apply to every tensor."""
+        update smaller than bf16 resolution is not lost. Device moves apply to every tensor. The packed uint8 codes of
+        a 4-bit base (QLoRA) are not floating point, so a dtype conversion leaves them (and their quant_state) as they
+        are; bitsandbytes' ``Params4bit.to`` moves the quant_state with them."""
 
         def convert(tensor: torch.Tensor) -> torch.Tensor:
             converted = fn(tensor)

@@ -12,6 +12,9 @@ Routed experts (``MoLELinear``), with ``coeff`` (T, K) from the router (see `rou
     y_t = x_t W^T + b + (alpha / r) * sum_e coeff[t, e] * (dropout(x_t) A_e) B_e
         A: (K, d_in, r)   B: (K, r, d_out)
 
+A 4-bit base (QLoRA: a ``bitsandbytes`` ``Params4bit`` weight, see `quantization`) is computed by
+``bitsandbytes.matmul_4bit`` in the base's compute dtype instead of ``F.linear``; names and adapters are unchanged.
+
 The coefficient multiplies the rank-r intermediate, never the d_out output (cheaper, and it saves no extra
 activation). Init for both: A kaiming-uniform (a = sqrt(5), fan-in d_in, i.e. U(-1/sqrt(d_in), 1/sqrt(d_in))), B zeros,
 so an adapted model starts equal to its base.
@@ -31,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mole_lightning.peft.quantization import is_4bit, linear_4bit
 from mole_lightning.peft.router import MoLERouter, RoutingDecision
 
 
@@ -47,7 +51,11 @@ def _init_lora_a_(a: torch.Tensor, fan_in: int) -> None:
 
 
 class _FrozenLinearBase(nn.Module):
-    """Holds the frozen base weight/bias of an ``nn.Linear`` (shared, not copied) plus LoRA bookkeeping."""
+    """Holds the frozen base weight/bias of an ``nn.Linear`` (shared, not copied) plus LoRA bookkeeping.
+
+    The base may be a ``bitsandbytes.nn.Linear4bit`` (its packed 4-bit weight is kept under the same name):
+    ``compute_dtype`` is then its matmul dtype (``None``: the input's), unused for a plain weight.
+    """
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float) -> None:
         super().__init__()
@@ -55,6 +63,7 @@ class _FrozenLinearBase(nn.Module):
         self.out_features = base.out_features
         self.weight = base.weight
         self.bias = base.bias
+        self.compute_dtype: torch.dtype | None = getattr(base, "compute_dtype", None)
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
@@ -68,6 +77,9 @@ class _FrozenLinearBase(nn.Module):
         return torch.float32
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x W^T + b``: x (T, d_in) -> (T, d_out), through bitsandbytes for a 4-bit weight."""
+        if is_4bit(self.weight):
+            return linear_4bit(x, self.weight, self.bias, self.compute_dtype)
         return F.linear(x, self.weight, self.bias)
 
     def adapter_parameter_names(self) -> tuple[str, ...]:

@@ -21,6 +21,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 
 from mole_lightning.constants import IGNORE_INDEX
@@ -32,6 +33,7 @@ from mole_lightning.training.optim import parameter_groups
 from mole_lightning.training.sharded_loading import shard_and_load
 from mole_lightning.training.source_metrics import SourceLossMetric
 from mole_lightning.training.spec import ModelSpec, VisionGeometry
+from mole_lightning.training.strategies import QUANTIZED_SHARDING_ERROR
 from mole_lightning.training.throughput import parameter_counts, training_flops
 
 
@@ -121,10 +123,17 @@ class MoLELightningModule(pl.LightningModule):
 
     def configure_model(self) -> None:
         """Build the model once (later calls do nothing). With a device mesh, frozen weights from folders are built on
-        the meta device and each rank reads only its own shards of their files (``shard_and_load``)."""
+        the meta device and each rank reads only its own shards of their files (``shard_and_load``).
+
+        Raises:
+            ValueError: a 4-bit base (``architecture.quantize``) under FSDP or FSDP2, before anything is built.
+        """
         if self.model is not None:
             return
         mesh = getattr(self, "_device_mesh", None)
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if self.architecture.quantize is not None and (mesh is not None or isinstance(strategy, FSDPStrategy)):
+            raise ValueError(QUANTIZED_SHARDING_ERROR)
         model = self.build_model(frozen_on_meta=mesh is not None)
         if self.hparams.adapter_path is not None:
             load_adapters(model, self.hparams.adapter_path)

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import torch
 
 from mole_lightning.models.vision import VisionGeometry, vision_geometry
+from mole_lightning.peft.quantization import Quantize, check_quantize
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -43,6 +44,9 @@ class ModelSpec:
         train_new_token_rows: also train embedding rows of tokens added to the tokenizer.
         pad_to_multiple_of: round the resized vocabulary up to a multiple of this.
         trust_remote_code: allow custom code from model/tokenizer directories.
+        quantize: ``"nf4"`` (QLoRA) or ``"fp4"``: the LLM's linear layers (not the LM head, vision tower or
+            projector) stored as frozen 4-bit bitsandbytes weights, their matmul in ``dtype``; ``None``: no
+            quantization. Not with FSDP/FSDP2 sharding.
     """
 
     preset: str | None = "tiny"
@@ -60,6 +64,10 @@ class ModelSpec:
     train_new_token_rows: bool | None = None
     pad_to_multiple_of: int | None = None
     trust_remote_code: bool = False
+    quantize: Quantize | None = None
+
+    def __post_init__(self) -> None:
+        check_quantize(self.quantize)
 
     def builder_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``build_llava_mole``: the preset's, updated with every field that is set.

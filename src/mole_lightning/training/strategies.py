@@ -24,6 +24,8 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch import nn
 
+from mole_lightning.peft.quantization import is_quantized
+
 DEFAULT_WRAP_CLASS_NAMES: tuple[str, ...] = (
     "LlamaDecoderLayer",
     "MistralDecoderLayer",
@@ -32,6 +34,12 @@ DEFAULT_WRAP_CLASS_NAMES: tuple[str, ...] = (
     "MoLERouter",
 )
 """Decoder layer classes (and the router) that become FSDP1 units unless ``wrap_class_names`` says otherwise."""
+
+QUANTIZED_SHARDING_ERROR = (
+    "a 4-bit base (model.architecture.quantize) cannot be sharded with FSDP/FSDP2 (the packed bitsandbytes weights "
+    "and their quantization state are not sharded): train QLoRA on one device or with DDP (trainer.strategy: auto / "
+    "ddp)"
+)
 
 PRECISION_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -65,9 +73,14 @@ def fully_shard_llava_mole(
 
     Returns:
         The model, sharded in place.
+
+    Raises:
+        ValueError: the model has a 4-bit (bitsandbytes) base.
     """
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
+    if is_quantized(model):
+        raise ValueError(QUANTIZED_SHARDING_ERROR)
     names = getattr(mesh, "mesh_dim_names", None) or ()
     dp_mesh = mesh["data_parallel"] if "data_parallel" in names else mesh
     kwargs: dict[str, Any] = {"mesh": dp_mesh}

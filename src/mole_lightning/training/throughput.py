@@ -18,6 +18,8 @@ from typing import Any
 
 from lightning.pytorch.callbacks import ThroughputMonitor
 
+from mole_lightning.peft.quantization import logical_numel
+
 
 @dataclass(frozen=True)
 class ParameterCounts:
@@ -42,7 +44,8 @@ def parameter_counts(model: Any) -> ParameterCounts:
             adapter += module.lora_A.numel() + module.lora_B.numel()
         elif isinstance(module, MoLERouter):
             adapter += sum(p.numel() for p in module.parameters())
-    llm = sum(p.numel() for p in model.language_model.parameters() if not p.requires_grad and id(p) not in embeddings)
+    frozen = (p for p in model.language_model.parameters() if not p.requires_grad and id(p) not in embeddings)
+    llm = sum(logical_numel(p) for p in frozen)  # a 4-bit weight counts the weights it stands for
     vision = sum(p.numel() for p in model.vision_tower.parameters())
     projector = sum(p.numel() for p in model.projector.parameters())
     return ParameterCounts(llm=llm, adapter=adapter, vision=vision, projector=projector)
