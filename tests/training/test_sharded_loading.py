@@ -1,5 +1,6 @@
 """Sharded loading (meta build, ``fully_shard``, per-rank safetensors reads) on 2 CPU processes with gloo equals the
-unsharded ``from_pretrained`` build exactly: every parameter, every buffer, the logits."""
+unsharded ``from_pretrained`` build exactly: every parameter, every buffer, the logits, in fp32 and in bf16 (the
+trained new token rows then stay bf16 beside the fp32 projector: embedding units of their own)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ def run_workers(tmp_path: Path, spec: dict) -> dict:
 
 
 @pytest.mark.slow
-def test_sharded_loading_equals_the_unsharded_build(tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_sharded_loading_equals_the_unsharded_build(tmp_path, dtype):
     tokenizer = vicuna_tokenizer(tmp_path / "tokenizer")  # 512 tokens: <image> becomes row 512 (uneven shards)
     llm = llama_folder(tmp_path / "llm", tokenizer)  # fp32 safetensors in several shards
     tower = clip_336_folder(tmp_path / "clip")  # a full CLIPModel folder: the text tower's tensors are skipped
@@ -34,7 +36,7 @@ def test_sharded_loading_equals_the_unsharded_build(tmp_path):
         vision_name_or_path=str(tower),
         projector="mlp2x_gelu",
         projector_path=str(projector),
-        dtype="float32",  # exact logits: FSDP2 without mixed precision needs one dtype per unit (fp32 adapters)
+        dtype=dtype,  # the frozen base's dtype; adapters, routers and projector are fp32 masters either way
         train_new_token_rows=True,
     )
     result = run_workers(tmp_path, spec)
@@ -45,4 +47,4 @@ def test_sharded_loading_equals_the_unsharded_build(tmp_path):
     assert result["dtensors"] > len(meta)
     assert result["different"] == [] and result["missing"] == []
     assert result["logits_equal"] and result["logits_finite"]
-    assert result["rows"] == 513 and result["dtype"] == "torch.float32" and result["new_row_is_mean"]
+    assert result["rows"] == 513 and result["dtype"] == f"torch.{dtype}" and result["new_row_is_mean"]
