@@ -1,40 +1,105 @@
-"""Every ``mole-train`` command shown in README.md, docs/ and the configs' comments parses as written.
+"""Every command that README.md, docs/, the Makefile and the configs' comments show works as written.
 
-Commands are collected from code blocks and comments (continuation lines joined, trailing ``# comments`` dropped;
-commands with ``...`` placeholders are left out), then parsed by the CLI with ``--print_config`` appended: a flag,
-a key or a file that no longer exists fails here. The runs themselves are exercised in ``tests/training``.
+Commands are collected from the code these files show (fenced blocks with continuation lines joined, inline code
+spans, the Makefile's lines with its variables expanded, YAML comments); trailing ``# comments`` are dropped.
+
+``mole-train`` commands (those with ``...`` placeholders are left out) are parsed by the CLI with ``--print_config``
+appended: a flag, a key or a file that no longer exists fails here. The runs themselves are exercised in
+``tests/training``.
+
+``python tools/<name>.py ...`` commands (any interpreter path and environment prefix, or ``torchrun ...
+tools/<name>.py``) are parsed by the tool's own parser (its ``build_parser()``) as written: a flag that no longer
+exists, a wrong choice or a missing required argument fails here. Synopses are expanded: ``[optional parts]`` are
+parsed both included and left out, ``a|b`` and ``{a,b}`` once per alternative, a ``...`` that stands for more of
+the same is dropped, and upper-case placeholders (``CKPT``, ``DIR``) are parsed as the values they stand for. The
+commands that cannot be parsed as written are listed in ``NOT_PARSED`` with the reason.
+
+The commands without placeholders of the tools that finish in seconds (``RUN_TOOLS``) also run as written, in a
+subprocess, in a temporary folder prepared with the files they read (small demo data, a checkpoint, a question file
+with its images), with all optional parts of a synopsis included. The others are parsed only: the benchmarks
+(``bench_*``) and ``conflict_study`` take minutes (its ``--report-only`` and ``--compare`` read the results of such
+runs), and llava_to_shards' command reads an image folder at an absolute path (``/data/llava``); its command line is
+run on a folder of its own by ``tests/data/test_tool_commands.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
+import itertools
+import json
+import os
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
+from PIL import Image
 
+import mole_lightning
 from mole_lightning.cli import cli_main
+from mole_lightning.data import make_demo_data
+from tests.inference_helpers import write_checkpoint
 
 ROOT = Path(__file__).parents[1]
-SOURCES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "configs").rglob("*.yaml"))]
+SRC = Path(mole_lightning.__file__).parents[1]
+SOURCES = [
+    ROOT / "README.md",
+    *sorted((ROOT / "docs").glob("*.md")),
+    ROOT / "Makefile",
+    *sorted((ROOT / "configs").rglob("*.yaml")),
+]
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
+def make_variables(text: str) -> dict[str, str]:
+    """``NAME := value`` (``=``, ``?=``) assignments of a Makefile, each value with the variables it names expanded."""
+    variables: dict[str, str] = {}
+    for name, value in re.findall(r"^(\w+)\s*[:?]?=\s*(.*?)\s*$", text, flags=re.M):
+        variables[name] = re.sub(r"\$\((\w+)\)", lambda m: variables.get(m.group(1), m.group(0)), value)
+    return variables
+
+
+def code_snippets(path: Path) -> list[str]:
+    """The code a file shows, one string per line or inline code span (continuation lines joined): the lines of
+    fenced blocks and the inline spans of Markdown, every line of a Makefile (variables expanded) or of a YAML file
+    (comment markers dropped)."""
+    text = path.read_text(encoding="utf-8")
+    if path.name == "Makefile":
+        variables = make_variables(text)
+        text = re.sub(r"\$\((\w+)\)", lambda m: variables.get(m.group(1), m.group(0)), text)
+    if path.suffix != ".md":
+        return [line.strip().lstrip("#").strip() for line in text.replace("\\\n", " ").splitlines()]
+    snippets = []
+    for index, part in enumerate(re.split(r"^```.*$", text, flags=re.M)):
+        if index % 2:  # inside a fenced block
+            snippets += part.replace("\\\n", " ").splitlines()
+        else:  # prose: its inline code spans, which may wrap; `\|` is a pipe escaped in a table
+            snippets += [span.replace("\n", " ").replace("\\|", "|") for span in re.findall(r"`([^`]+)`", part)]
+    return snippets
+
+
+def command_text(text: str) -> str:
+    """A command's words up to a trailing comment, whitespace normalised."""
+    return re.sub(r"\s+", " ", re.split(r"\s#\s|\s{2,}#|`", text)[0]).strip()
+
+
+# --------------------------------------------------------------------------------------------------------- mole-train
 def documented_commands() -> list[str]:
     commands = set()
     for path in SOURCES:
-        text = path.read_text(encoding="utf-8").replace("\\\n", " ")
-        for line in text.splitlines():
-            line = line.lstrip("#").strip()
-            match = re.search(rf"mole-train ((?:{'|'.join(SUBCOMMANDS)}) .*)", line)
+        for snippet in code_snippets(path):
+            match = re.search(rf"mole-train ((?:{'|'.join(SUBCOMMANDS)}) .*)", snippet)
             if match is None:
                 continue
-            command = re.split(r"\s#\s|\s{2,}#|`", match.group(1))[0].strip().rstrip(")")
+            command = command_text(match.group(1)).rstrip(')"')
             if "..." in command or not re.search(r"--config \S+\.yaml", command):
                 continue
-            commands.add(re.sub(r"\s+", " ", command))
+            commands.add(command)
     return sorted(commands)
 
 
@@ -55,3 +120,135 @@ def test_documented_command_parses(command, monkeypatch):
         cli_main([*args, "--print_config"])
     assert exit_info.value.code in (0, None), out.getvalue()[-2000:]
     assert "model:" in out.getvalue() and "trainer:" in out.getvalue()
+
+
+# ------------------------------------------------------------------------------------------------------------ tools
+TOOL_COMMAND = re.compile(
+    r"(?:(?:(?:^|\s)(?:\S*/)?python3?|(?:^|\s)torchrun(?: --[\w-]+(?:[= ]\w+)?)*)\s+|^)tools/(\w+)\.py(?=\s|$)(.*)"
+)
+ALTERNATIVES = re.compile(r"\{[\w.-]+(?:,[\w.-]+)+\}|[\w.-]+(?:\|[\w.-]+)+")  # {a,b} or a|b
+PLACEHOLDER = re.compile(r"\.\.\.|\b[A-Z][A-Z_]{2,}\b")  # ..., CKPT, DIR, CKPT_OR_MOLE_EXPORT
+# at least this many distinct commands of each tool are shown (every tool in tools/ is listed)
+MIN_COMMANDS = {
+    "bench_data": 3,
+    "bench_gpu": 4,
+    "bench_load": 1,
+    "bench_mole": 5,
+    "bench_train": 2,
+    "conflict_study": 20,
+    "convert_llava_questions": 2,
+    "export_adapter": 5,
+    "llava_to_shards": 2,
+    "make_demo_data": 2,
+    "routing_report": 2,
+}
+RUN_TOOLS = ("convert_llava_questions", "export_adapter", "make_demo_data", "routing_report")  # seconds each
+NOT_PARSED = {
+    "convert_llava_questions.py ...": "README's tools table elides the arguments (docs/evaluation.md shows them)",
+    "export_adapter.py CKPT_OR_MOLE_EXPORT --out DIR --to FORMAT": "FORMAT stands for any --to choice (table below)",
+}
+
+
+class ToolCommand(NamedTuple):
+    """``python tools/<tool>.py <args>`` as shown (``args`` whitespace normalised) and the files showing it."""
+
+    tool: str
+    args: str
+    sources: tuple[str, ...]
+
+    def __str__(self) -> str:
+        return f"{self.tool}.py {self.args}".strip()
+
+
+def documented_tool_commands() -> list[ToolCommand]:
+    """Every distinct tool command line shown; a bare ``tools/<name>.py`` without an interpreter counts only at the
+    start of a snippet and with arguments (otherwise it is the file's name in a sentence)."""
+    found: dict[tuple[str, str], set[str]] = {}
+    for path in SOURCES:
+        for snippet in code_snippets(path):
+            match = TOOL_COMMAND.search(snippet)
+            if match is None or (match.group(0).startswith("tools/") and not match.group(2).strip()):
+                continue
+            key = (match.group(1), command_text(match.group(2)))
+            found.setdefault(key, set()).add(str(path.relative_to(ROOT)))
+    return [ToolCommand(tool, args, tuple(sorted(sources))) for (tool, args), sources in sorted(found.items())]
+
+
+def synopsis_argvs(args: str) -> list[list[str]]:
+    """The argument lists a shown command stands for, the one with every ``[optional part]`` first, then the one
+    without them; ``a|b`` and ``{a,b}`` give one list per alternative, a ``...`` (more of the same) is dropped."""
+    forms = [re.sub(r"\[([^\[\]]*)\]", r"\1", args), re.sub(r"\s*\[[^\[\]]*\]", "", args)]
+    argvs = []
+    for form in dict.fromkeys(forms):
+        words = [
+            [w] if ALTERNATIVES.fullmatch(w) is None else re.split(r"[|,]", w.strip("{}")) for w in shlex.split(form)
+        ]
+        argvs += [[w for w in argv if w != "..."] for argv in itertools.product(*words)]
+    return argvs
+
+
+TOOL_COMMANDS = documented_tool_commands()
+PARSED = [c for c in TOOL_COMMANDS if str(c) not in NOT_PARSED]
+RUN = [c for c in PARSED if c.tool in RUN_TOOLS and PLACEHOLDER.search(c.args) is None]
+
+
+def test_the_documented_tool_commands_are_found():
+    assert set(MIN_COMMANDS) == {path.stem for path in (ROOT / "tools").glob("*.py")}
+    counts = {tool: sum(c.tool == tool for c in TOOL_COMMANDS) for tool in MIN_COMMANDS}
+    assert all(counts[tool] >= least for tool, least in MIN_COMMANDS.items()), counts
+    sources = {source for c in TOOL_COMMANDS for source in c.sources}
+    assert {"README.md", "Makefile", "configs/demo.yaml", "docs/conflict_study.md", "docs/benchmarks.md"} <= sources
+    assert set(NOT_PARSED) <= {str(c) for c in TOOL_COMMANDS}  # no stale exemption
+    assert {c.tool for c in RUN} == set(RUN_TOOLS)
+
+
+@pytest.mark.parametrize("command", PARSED, ids=str)
+def test_documented_tool_command_parses(command):
+    parser = importlib.import_module(f"tools.{command.tool}").build_parser()
+    for argv in synopsis_argvs(command.args):
+        error = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(error):
+                parser.parse_args(argv)
+        except SystemExit:
+            pytest.fail(
+                f"{command} (shown in {', '.join(command.sources)}) does not parse as {argv}: {error.getvalue()}"
+            )
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    """A folder with what the run commands read, at the paths they name: demo data (a few validation samples per
+    source), a checkpoint ``runs/demo/checkpoints/last.ckpt`` of the tiny model with the demo tokenizer, and a
+    LLaVA-1.5 question file ``llava_pope_test.jsonl`` with its images in ``val2014/`` and labels in ``labels.jsonl``."""
+    root = tmp_path_factory.mktemp("documented")
+    demo = make_demo_data(str(root / "demo_data"), train=2, val=4, seed=0)
+    (root / "runs/demo/checkpoints").mkdir(parents=True)
+    write_checkpoint(root / "runs/demo/checkpoints/last.ckpt", demo.tokenizer)
+    (root / "val2014").mkdir()
+    questions, labels = [], []
+    for index, color in enumerate(("red", "blue")):
+        Image.new("RGB", (24, 16), color).save(root / "val2014" / f"{color}.jpg")
+        questions.append({"question_id": index, "image": f"{color}.jpg", "text": f"Is the image {color}?"})
+        labels.append({"question_id": index, "label": "yes"})
+    (root / "llava_pope_test.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
+    (root / "labels.jsonl").write_text("".join(json.dumps(label) + "\n" for label in labels))
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", RUN, ids=str)
+def test_documented_tool_command_runs(command, prepared, tmp_path):
+    """``python tools/<tool>.py ...`` as shown, from a folder where ``tools/`` is the repository's; make_demo_data
+    writes into a fresh folder (the prepared demo data is smaller than the documented one)."""
+    cwd = tmp_path if command.tool == "make_demo_data" else prepared
+    with contextlib.suppress(FileExistsError):
+        (cwd / "tools").symlink_to(ROOT / "tools")
+    argv = synopsis_argvs(command.args)[0]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+    env["OMP_NUM_THREADS"] = "1"
+    tool = [sys.executable, f"tools/{command.tool}.py"]
+    result = subprocess.run([*tool, *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    out = cwd / argv[argv.index("--out") + 1]
+    assert out.is_dir() and any(out.iterdir()), f"{command} wrote nothing to {out}"

@@ -210,8 +210,8 @@ def measure(setting: str, sources: dict, tokenizer: str, args: argparse.Namespac
     }
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Generates the benchmark data and prints one JSON line per setting, then a summary table."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of this tool (also parsed by the documented-commands test)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=8000, help="training samples per setting (one epoch)")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers (0: the main process)")
@@ -222,6 +222,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--text-share", type=float, default=0.06, help="share of text-only samples in the mix")
     parser.add_argument("--shard-samples", type=int, default=4000, help="distinct samples written to the shards")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 = a worker's usual setting)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Generates the benchmark data and prints one JSON line per setting, then a summary table."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     if not 0 <= args.text_share <= 1:
         parser.error(f"--text-share must be in [0, 1], got {args.text_share}")

@@ -124,7 +124,8 @@ TRAIN_VARIANTS = ("mole_k3", "lora_k1", "hf_peft_fp32", "hf_peft_bf16")
 
 
 # ----------------------------------------------------------------------------------------------- run bookkeeping
-def parse_args() -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of this tool (also parsed by the documented-commands test)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", choices=sorted(SHAPES), default="llava-1.5-7b")
     parser.add_argument("--tiny", action="store_true", help="reduced shapes (same as --shapes tiny)")
@@ -139,7 +140,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--budget-s", type=float, default=450.0, help="skip what would end after this many seconds")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--out", default=None, help="write the raw results here (JSON)")
-    args = parser.parse_args()
+    return parser
+
+
+def parse_args() -> argparse.Namespace:
+    """The options of this run (``--tiny`` and the device default resolved)."""
+    args = build_parser().parse_args()
     if args.tiny:
         args.shapes = "tiny"
     if args.device is None:

@@ -123,15 +123,20 @@ def run(llm: Path, path: str, world: int = 2) -> list[int]:
     return json.loads(line)["peaks"]
 
 
-def main() -> None:
-    if len(sys.argv) == 4 and sys.argv[1] == "--worker":
-        worker(sys.argv[2], sys.argv[3])
-        return
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of this tool (also parsed by the documented-commands test)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dir", default="/tmp/bench_load", help="where the stand-in folders are written (kept)")
     parser.add_argument("--layers", type=int, default=10, help="decoder layers of the stand-in (10: 0.52 B)")
     parser.add_argument("--json", default=None, help="also write the numbers here")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    if len(sys.argv) == 4 and sys.argv[1] == "--worker":
+        worker(sys.argv[2], sys.argv[3])
+        return
+    args = build_parser().parse_args()
     sys.path.insert(0, str(ROOT / "src"))
     root = Path(args.dir)
     big_bytes = write_llm(root / f"llama-{args.layers}l", {**BIG, "num_hidden_layers": args.layers})

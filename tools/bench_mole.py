@@ -269,7 +269,8 @@ def summary_table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of this tool (also parsed by the documented-commands test)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (CUDA default)")
@@ -285,7 +286,11 @@ def main() -> None:
     parser.add_argument("--no-peft", action="store_true", help="skip the peft LoRA reference")
     parser.add_argument("--quick", action="store_true", help="K=3, r=32, balanced routing, decode T=1 and 16")
     parser.add_argument("--json", default=None, help="also write all results to this JSON file")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"

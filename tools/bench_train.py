@@ -163,7 +163,8 @@ def memory_probe(variant: str, args: argparse.Namespace) -> dict[str, float]:
     return {"model_rss_mib": before, "step_peak_growth_mib": peak - before, "trainable_params": trainable}
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of this tool (also parsed by the documented-commands test)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=15, help="timed rounds (one step of each variant per round)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
@@ -174,7 +175,11 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
 
     if args.memory_probe:
         print(json.dumps(memory_probe(args.memory_probe, args)))

@@ -52,8 +52,8 @@ DEFAULT_METHODS = "single,mix,mix2x,dense,mole"
 DEFAULT_MOLE_VARIANTS = "prob:switch:0.01,none:pooled:0.05"
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command-line options (defaults are the documented default study)."""
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line options (defaults are the documented default study; ``--quick`` is applied by parse_args)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", default="out/conflict_study", help="output folder (report.md, results.json, PNGs)")
     p.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/mole_lightning/conflict_study"))
@@ -112,6 +112,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--mm-batch", type=int, default=16)
     g.add_argument("--mm-lr", type=float, default=3e-3)
     g.add_argument("--mm-seeds", type=int, default=5)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options, with ``--quick``'s tiny settings in place of the defaults it overrides."""
+    p = build_parser()
     args = p.parse_args(argv)
     if args.quick:
         quick = {

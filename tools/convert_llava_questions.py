@@ -21,8 +21,8 @@ from mole_lightning.eval.metrics import task_names
 from mole_lightning.eval.questions import convert_question_file
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Runs the conversion; returns 0, or 1 when nothing was written."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of this tool (also parsed by the documented-commands test)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--questions", required=True, help="question file (JSONL or JSON list)")
     parser.add_argument("--images", default=".", help="folder the records' 'image' paths are relative to")
@@ -33,7 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-prompt", action="store_true", help="do not add LLaVA-1.5's task suffix")
     parser.add_argument("--maxcount", type=int, default=10000, help="samples per shard")
     parser.add_argument("--limit", type=int, help="convert only the first N questions")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the conversion; returns 0, or 1 when nothing was written."""
+    args = build_parser().parse_args(argv)
 
     report = convert_question_file(
         args.questions,

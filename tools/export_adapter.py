@@ -31,8 +31,8 @@ import sys
 from mole_lightning.models.export import EXPORT_FORMATS, check_destination, file_sizes, human_size
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Parses arguments, writes the export and prints its files; returns the exit status."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of this tool (also parsed by the documented-commands test)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="a .ckpt file written by mole-train, or a mole export folder")
     parser.add_argument("--out", required=True, help="export folder (created; must be empty unless --overwrite)")
@@ -41,7 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base", help="mole/peft: the llava-hf base folder or hub id to refer to")
     parser.add_argument("--write-base", action="store_true", help="mole/peft: write the base as llava-hf to OUT/base")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parses arguments, writes the export and prints its files; returns the exit status."""
+    args = build_parser().parse_args(argv)
     try:
         if not os.path.exists(args.checkpoint):  # before importing the trainer (seconds)
             raise FileNotFoundError(f"input {args.checkpoint!r} does not exist")

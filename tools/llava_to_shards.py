@@ -19,8 +19,8 @@ import sys
 from mole_lightning.data.shards import convert_llava_records, load_llava_json
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Runs the conversion; returns the exit code (0, or 1 when nothing could be written)."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of this tool (also parsed by the documented-commands test)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", required=True, help="LLaVA JSON (list of records) or JSONL file")
     parser.add_argument("--images", required=True, help="folder the records' 'image' paths are relative to")
@@ -29,7 +29,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--maxcount", type=int, default=10000, help="samples per shard")
     parser.add_argument("--verify-images", action="store_true", help="decode every image to skip corrupt files")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the conversion; returns the exit code (0, or 1 when nothing could be written)."""
+    args = build_parser().parse_args(argv)
 
     records = load_llava_json(args.json)
     report = convert_llava_records(

@@ -17,15 +17,20 @@ import time
 from mole_lightning.data.demo import make_demo_data
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Parses arguments and writes the demo data."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of this tool (also parsed by the documented-commands test)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--train", type=int, default=2000, help="training samples per source")
     parser.add_argument("--val", type=int, default=100, help="validation samples per source")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--maxcount", type=int, default=1000, help="samples per shard")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parses arguments and writes the demo data."""
+    args = build_parser().parse_args(argv)
     start = time.perf_counter()
     demo = make_demo_data(args.out, train=args.train, val=args.val, seed=args.seed, maxcount=args.maxcount)
     summary = {"tokenizer": demo.tokenizer, "train": demo.train, "val": demo.val}

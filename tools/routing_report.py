@@ -149,8 +149,8 @@ def write_csv(path: str, rows: list[dict[str, Any]]) -> None:
         writer.writerows(rows)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Runs the report; returns the exit code."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of this tool (also parsed by the documented-commands test)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     weights = parser.add_mutually_exclusive_group(required=True)
     weights.add_argument("--adapter", help="exported adapter directory (save_adapters)")
@@ -171,7 +171,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--html", help="also write the routing page (one self-contained HTML file) here")
     parser.add_argument("--html-samples", type=int, default=3, help="sample answers per source on the page")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the report; returns the exit code."""
+    args = build_parser().parse_args(argv)
     if args.max_samples < 1:
         raise SystemExit(f"--max-samples must be at least 1, got {args.max_samples}")
     if args.html_samples < 0:
