@@ -101,6 +101,30 @@ def test_recipe_runs_fit_validate_test_predict_export_on_hub_format_folders(reci
 
 
 @pytest.mark.slow
+def test_qlora_recipe_fits_on_one_device_and_refuses_fsdp2(real_folders, shards, tmp_path):
+    """The QLoRA recipe through ``mole-train`` on one CPU device (bitsandbytes' CPU backend): an nf4 base from the
+    vicuna-style folder, trained fp32 adapters, an export; with the FSDP2 trainer it stops with a one-line error."""
+    pytest.importorskip("bitsandbytes")
+    args = recipe_args("llava_mole_7b_qlora.yaml", real_folders, shards, tmp_path)
+    one_device = ["--trainer.devices", "1", "--trainer.strategy", "auto", "--trainer.limit_val_batches", "0"]
+    fit = run([str(MOLE_TRAIN), "fit", *args, *one_device], tmp_path)
+    assert fit.returncode == 0, fit.stdout[-3000:] + fit.stderr[-5000:]
+    state = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
+    trained = state["state_dict"]
+    assert state["global_step"] == 2 and any("router" in k for k in trained)
+    assert {v.dtype for v in trained.values()} == {torch.float32}
+    assert not any(k.endswith(("proj.weight", "absmax")) for k in trained)  # the 4-bit base is never saved
+    out = tmp_path / "export"
+    command = [sys.executable, str(ROOT / "tools" / "export_adapter.py"), str(tmp_path / "ckpt" / "last.ckpt")]
+    export = run([*command, "--out", str(out)], ROOT)
+    assert export.returncode == 0 and (out / "adapter_model.safetensors").exists(), export.stderr[-3000:]
+
+    sharded = run([str(MOLE_TRAIN), "fit", *args, "--checkpoint.dirpath", str(tmp_path / "sharded")], tmp_path)
+    assert sharded.returncode != 0
+    assert "cannot be sharded" in sharded.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
 def test_recipe_failures_exit_nonzero_with_a_one_line_error(real_folders, shards, tmp_path):
     args = recipe_args("llava_mole_7b.yaml", real_folders, shards, tmp_path)
     missing = str(tmp_path / "no-such-vicuna")
