@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from mole_lightning.constants import DEFAULT_IMAGE_TOKEN
-from mole_lightning.data.shards import ShardWriter
+from mole_lightning.data.shard_writer import ShardWriter
 from mole_lightning.data.templates import CHATML_SYSTEM, LLAMA3_SYSTEM, VICUNA_V1_SYSTEM
 
 DEMO_SOURCES = ("general", "doc", "med")
