@@ -13,12 +13,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
+from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from mole_lightning import chat
-from mole_lightning.data import MixedInstructionDataModule, make_demo_data
+from mole_lightning.data import make_demo_data
+from mole_lightning.data.collate import collate
 from mole_lightning.data.pipeline import SkipCounter, read_shard
+from mole_lightning.data.templates import encode_conversation
 from mole_lightning.inference import load_from_config
 from mole_lightning.peft import iter_routers
+from tests.demo_modules import make_datamodule
 from tests.inference_helpers import MAX_NEW_TOKENS, MOLE, write_checkpoint, write_recipe
 
 
@@ -33,19 +38,7 @@ def setup(tmp_path_factory):
     checkpoint = root / "last.ckpt"
     module = write_checkpoint(checkpoint, demo.tokenizer)
 
-    geometry = module.vision_geometry
-    data = MixedInstructionDataModule(
-        sources={name: {"urls": spec} for name, spec in demo.train.items()},
-        val_sources={name: {"urls": spec} for name, spec in demo.val.items()},
-        tokenizer=demo.tokenizer,
-        num_image_tokens=geometry.num_image_tokens,
-        image_size=geometry.image_size,
-        image_mean=geometry.image_mean,
-        image_std=geometry.image_std,
-        val_batch_size=1,
-        num_workers=0,
-        max_length=160,
-    )
+    data = make_datamodule(demo, module, val_batch_size=1)
     data.setup("predict")
     samples = []
     for name, loader in zip(data.val_source_names, data.predict_dataloader()):
@@ -178,23 +171,13 @@ def test_script_one_shot_and_missing_image(setup):
 
 def two_turn_reference(setup, question: str, reply: str, follow_up: str, image: bytes) -> str:
     """``predict_step``'s answer to a two-turn conversation, encoded by the data pipeline's generation encoder."""
-    from mole_lightning.data.collate import collate
-
     module = setup["module"]
     conversation = [
         {"from": "human", "value": "<image>\n" + question},
         {"from": "gpt", "value": reply},
         {"from": "human", "value": follow_up},
     ]
-    encoder = MixedInstructionDataModule(
-        sources={"unused": {"urls": "unused"}},
-        tokenizer=setup["demo"].tokenizer,
-        num_image_tokens=module.num_image_tokens,
-        image_size=module.image_size,
-        image_mean=module.image_mean,
-        image_std=module.image_std,
-        max_length=160,
-    ).make_encoder("generate")
+    encoder = make_datamodule(setup["demo"], module).make_encoder("generate")
     example = encoder({"__key__": "0", "json": json.dumps({"conversations": conversation}), "png": image}, "chat")
     batch = collate([example], pad_token_id=module.model.tokenizer.pad_token_id, padding_side="left")
     with torch.no_grad():
@@ -218,9 +201,6 @@ def test_script_conversation(setup):
 
 def test_llava_hf_folder_matches_transformers(real_folders, tmp_path, capsys):
     """``--llava-hf``: the answer equals transformers' LlavaForConditionalGeneration + LlavaProcessor greedy output."""
-    from PIL import Image
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
     folder = real_folders["llava_hf"]
     image_path = tmp_path / "square.png"
     pixels = torch.Generator().manual_seed(0)
@@ -244,8 +224,6 @@ def test_llava_hf_folder_matches_transformers(real_folders, tmp_path, capsys):
 
 def test_loglikelihood_equals_training_loss(setup):
     """``Assistant.loglikelihood`` (lmms-eval's loglikelihood) is minus the training loss summed over the reply."""
-    from mole_lightning.data.templates import encode_conversation
-
     module = setup["module"]
     sample = setup["samples"][1]
     reply = "a red circle"

@@ -17,7 +17,7 @@ image samples otherwise. Text lengths in tokens are drawn from long-tailed log-n
 
 plus the ``vicuna_v1`` system prompt and role markers, truncated at ``max_length`` 2048. Images are photo-like
 640×480 JPEGs (quality 90), processed with ``pad`` to 336 px. Shards are written with
-:class:`~mole_lightning.data.shards.ShardWriter`, the tokenizer is the demo tokenizer
+:class:`~mole_lightning.data.shard_writer.ShardWriter`, the tokenizer is the demo tokenizer
 (:func:`~mole_lightning.data.make_demo_data`); words are drawn from a list the tokenizer knows, their count set
 from its measured tokens per word. The printed mean lengths are the ones that reached the batches.
 
@@ -50,7 +50,7 @@ from mole_lightning.data import MixedInstructionDataModule
 from mole_lightning.data.demo import make_demo_data
 from mole_lightning.data.pipeline import CountingLoader
 from mole_lightning.data.samples import load_tokenizer
-from mole_lightning.data.shards import ShardWriter
+from mole_lightning.data.shard_writer import ShardWriter
 from mole_lightning.pixels import normalize_pixels
 
 IMAGE_TOKENS = 576

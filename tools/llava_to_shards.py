@@ -16,7 +16,7 @@ import json
 import os
 import sys
 
-from mole_lightning.data.shards import convert_llava_records, load_llava_json
+from mole_lightning.data.llava_json import convert_llava_records, load_llava_json
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,16 +15,25 @@ once at the end (generation), and "token" routing is MI(token type image/text; e
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
 import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
+import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import Callback
 
 from experiments.conflict_study.methods import MethodSpec, adapter_counts, make_methods, parse_variants
-from mole_lightning.data.demo import DEMO_SOURCES
+from mole_lightning.data import MixedInstructionDataModule, make_demo_data
+from mole_lightning.data.demo import DEMO_SOURCES, DemoData
+from mole_lightning.eval import GenerationEvalCallback
+from mole_lightning.peft import MoLEConfig
+from mole_lightning.training import ModelSpec, MoLELightningModule, WarmupCosineLR
+from mole_lightning.training.callbacks import logged_source_metrics
 
 MM_LLM = {
     "hidden_size": 128,
@@ -40,9 +49,6 @@ MM_LLM = {
 
 def _demo(cache_dir: str, per_source: int, val: int) -> Any:
     """Demo shards with ``per_source`` training samples per source (cached by their settings)."""
-    from mole_lightning.data import make_demo_data
-    from mole_lightning.data.demo import DemoData
-
     root = os.path.join(cache_dir, f"mm-demo-n{per_source}-v{val}")
     marker = os.path.join(root, "done")
     if not os.path.exists(marker):
@@ -62,15 +68,6 @@ def _demo(cache_dir: str, per_source: int, val: int) -> Any:
 def run_mm_job(job: dict[str, Any]) -> dict[str, Any]:
     """Train one method on one seed (one source for ``single``) with the Lightning stack; returns a result dict
     in the text study's format (``loss`` curves per source, final ``em``, routing tables)."""
-    import lightning.pytorch as pl
-    from lightning.pytorch.callbacks import Callback
-
-    from mole_lightning.data import MixedInstructionDataModule
-    from mole_lightning.eval import GenerationEvalCallback
-    from mole_lightning.peft import MoLEConfig
-    from mole_lightning.training import ModelSpec, MoLELightningModule, WarmupCosineLR
-    from mole_lightning.training.callbacks import logged_source_metrics
-
     torch.set_num_threads(1)
     start = time.perf_counter()
     method: MethodSpec = job["method"]
@@ -196,9 +193,6 @@ def run_mm_job(job: dict[str, Any]) -> dict[str, Any]:
 
 def run_multimodal_study(args: argparse.Namespace) -> dict[str, Any]:
     """The text study's comparison on the demo image domains; returns the payload for the report."""
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-
     per_source = args.mm_per_source
     val = args.mm_eval_per_source
     demo1 = _demo(args.cache_dir, per_source, val)

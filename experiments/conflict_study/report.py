@@ -260,7 +260,7 @@ def markdown_report(payload: dict[str, Any], summary: dict[str, Any], plots: lis
 
 def _save_figure(fig: Any, out_dir: str, name: str) -> str:
     """Lay out, write ``out_dir/name`` as PNG, close the figure; returns the path."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # only once a headless backend is chosen (matplotlib.use("Agg"))
 
     fig.tight_layout()
     path = os.path.join(out_dir, name)
@@ -272,10 +272,10 @@ def _save_figure(fig: Any, out_dir: str, name: str) -> str:
 def make_plots(summary: dict[str, Any], out_dir: str) -> list[str]:
     """Learning curves (loss and EM, mean and worst domain; the mean over seeds and every seed's own curve) and
     routing plots as PNG files; returns the paths."""
-    import matplotlib
+    import matplotlib  # headless backend chosen at call time, before pyplot draws
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # only once a headless backend is chosen (matplotlib.use("Agg"))
 
     paths: list[str] = []
     curves, methods = summary["curves"], summary["methods"]

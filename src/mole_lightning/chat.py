@@ -24,6 +24,10 @@ import sys
 from contextlib import nullcontext
 from typing import Any, TextIO
 
+import torch
+from rich.console import Console
+from rich.text import Text
+
 from mole_lightning.inference import (
     Assistant,
     InferenceError,
@@ -150,8 +154,6 @@ class AnswerPrinter:
 
     def write(self, text: str, step: int) -> None:
         """Print ``text`` (from generation step ``step``), coloured by its expert on a terminal."""
-        from rich.text import Text
-
         if not text:
             return
         if self.trace is None or not self.console.is_terminal:
@@ -174,9 +176,6 @@ def answer_token_mask(ids: list[int], tokenizer: Any) -> list[bool]:
 
 def routing_line(trace: RoutingTrace, layer: int, ids: list[int], tokenizer: Any) -> Any:
     """``routing <router>: N answer tokens, expert0 0.5000 expert1 ...`` (a rich ``Text``, labels coloured)."""
-    import torch
-    from rich.text import Text
-
     experts = trace.experts(layer)[0][: len(ids)]
     keep = torch.tensor(answer_token_mask(ids, tokenizer), dtype=torch.bool)
     shares = expert_shares(experts[keep], trace.num_experts)
@@ -253,8 +252,6 @@ def converse(assistant: Assistant, image: bytes | None, args: argparse.Namespace
 
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point; returns the exit status (2 for bad input, with one line on stderr)."""
-    from rich.console import Console
-
     parser = build_parser()
     args = parser.parse_args(argv)
     check_arguments(parser, args)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningCLI
 
@@ -32,6 +33,7 @@ from mole_lightning.training.callbacks import (
     SkippedSamplesLogger,
 )
 from mole_lightning.training.module import MoLELightningModule
+from mole_lightning.training.strategies import default_strategy
 from mole_lightning.training.throughput import TokenThroughputMonitor
 
 
@@ -45,7 +47,6 @@ def _device_count(devices: Any, accelerator: Any) -> int:
         value = int(devices)
         if value >= 0:
             return value
-    import torch
 
     if accelerator in ("cpu",) or not torch.cuda.is_available():
         return 1
@@ -76,8 +77,6 @@ class MoLECLI(LightningCLI):
             return
         accelerator = trainer.get("accelerator", "auto")
         if _device_count(trainer.get("devices", "auto"), accelerator) * int(trainer.get("num_nodes", 1) or 1) > 1:
-            from mole_lightning.training.strategies import default_strategy
-
             trainer["strategy"] = default_strategy(2, accelerator)
 
 

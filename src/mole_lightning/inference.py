@@ -15,6 +15,7 @@ the same sample. Generation runs under the precision of the recipe's ``trainer.p
 
 from __future__ import annotations
 
+import copy
 import io
 import os
 from collections.abc import Iterator, Sequence
@@ -24,9 +25,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
+from lightning.pytorch.cli import LightningArgumentParser
+from lightning.pytorch.plugins.precision import DoublePrecision, HalfPrecision, MixedPrecision, Precision
+from PIL import Image, UnidentifiedImageError
 
+from mole_lightning.constants import IGNORE_INDEX
+from mole_lightning.data import MixedInstructionDataModule
+from mole_lightning.data.collate import pad_token_id_of
+from mole_lightning.data.pipeline import make_collator
 from mole_lightning.data.samples import SampleEncoder
 from mole_lightning.data.templates import BadSampleError
+from mole_lightning.eval.callback import generate_answers
+from mole_lightning.models import load_adapters, load_llava_hf
+from mole_lightning.models.loading import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
+from mole_lightning.peft import iter_routers
+from mole_lightning.training.export import load_checkpoint_state, read_checkpoint
+from mole_lightning.training.module import MoLELightningModule
 
 GEOMETRY_NAMES = ("num_image_tokens", "image_size", "image_mean", "image_std")
 """Settings the data takes from the model's vision tower (linked as in ``mole-train``)."""
@@ -43,8 +58,6 @@ def read_recipe(path: str | os.PathLike) -> dict[str, Any]:
     Raises:
         InferenceError: the file is missing, not YAML, or has no ``model`` and ``data`` sections.
     """
-    import yaml
-
     path = Path(path)
     if not path.is_file():
         raise InferenceError(f"config not found: {path}")
@@ -64,11 +77,6 @@ def instantiate_recipe(recipe: dict[str, Any]) -> tuple[Any, Any]:
     Returns:
         ``(MoLELightningModule, MixedInstructionDataModule)``; the model is not built yet.
     """
-    from lightning.pytorch.cli import LightningArgumentParser
-
-    from mole_lightning.data import MixedInstructionDataModule
-    from mole_lightning.training.module import MoLELightningModule
-
     parser = LightningArgumentParser(exit_on_error=False)
     parser.add_lightning_class_args(MoLELightningModule, "model")
     parser.add_lightning_class_args(MixedInstructionDataModule, "data")
@@ -90,8 +98,6 @@ def load_checkpoint_tensors(module: Any, path: str | os.PathLike) -> None:
         InferenceError: the file is missing, or its tensors do not fit the model (missing, extra or mis-shaped
             trainable tensors, e.g. another ``num_experts``).
     """
-    from mole_lightning.training.export import load_checkpoint_state, read_checkpoint
-
     path = Path(path)
     if not path.is_file():
         raise InferenceError(f"checkpoint not found: {path}")
@@ -119,9 +125,6 @@ def load_adapter_export(model: Any, directory: str | os.PathLike) -> None:
     Raises:
         InferenceError: the folder lacks the export files, or the export does not fit the model.
     """
-    from mole_lightning.models import load_adapters
-    from mole_lightning.models.loading import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
-
     directory = Path(directory)
     for name in (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME):
         if not (directory / name).is_file():
@@ -135,8 +138,6 @@ def load_adapter_export(model: Any, directory: str | os.PathLike) -> None:
 
 def precision_plugin(precision: str | int | None, device: torch.device) -> Any:
     """Lightning's precision plugin for a ``trainer.precision`` value (``None``: full precision)."""
-    from lightning.pytorch.plugins.precision import DoublePrecision, HalfPrecision, MixedPrecision, Precision
-
     value = str(precision) if precision is not None else "32-true"
     if value in ("bf16-true", "16-true", "bf16", "16"):
         return HalfPrecision("bf16-true" if value.startswith("bf16") else "16-true")
@@ -183,8 +184,6 @@ class Assistant:
         Raises:
             InferenceError: an image cannot be decoded or a prompt exceeds the data's ``max_length``.
         """
-        from mole_lightning.data.pipeline import make_collator
-
         encoded = []
         for index, (conversation, image) in enumerate(samples):
             raw: dict[str, Any] = {"__key__": str(index), "json": {"conversations": conversation}}
@@ -199,8 +198,6 @@ class Assistant:
 
     def generate(self, batch: dict[str, Any], max_new_tokens: int = 128, **generation_kwargs: Any) -> list[str]:
         """Answers of a batch from :meth:`encode` (greedy unless ``do_sample=True`` is passed), stripped."""
-        from mole_lightning.eval.callback import generate_answers
-
         with torch.inference_mode(), self.precision.forward_context():
             return generate_answers(self.model, batch, self.tokenizer, max_new_tokens, **generation_kwargs)
 
@@ -216,11 +213,6 @@ class Assistant:
         Raises:
             InferenceError: an image cannot be decoded or a conversation exceeds the data's ``max_length``.
         """
-        import copy
-
-        from mole_lightning.constants import IGNORE_INDEX
-        from mole_lightning.data.pipeline import make_collator
-
         encoder = copy.copy(self.encoder)
         encoder.mode = "train"
         encoded = []
@@ -270,8 +262,6 @@ def move_batch(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 def ready(model: Any, encoder: SampleEncoder, precision: Any, device: torch.device) -> Assistant:
     """Put ``model`` in eval mode under ``precision`` on ``device`` and pair it with ``encoder``."""
-    from mole_lightning.data.collate import pad_token_id_of
-
     model = precision.convert_module(model).to(device).eval()
     return Assistant(model, encoder, precision, device, pad_token_id_of(encoder.tokenizer))
 
@@ -331,8 +321,6 @@ def load_from_llava_hf(
     Raises:
         InferenceError: the folder is missing or holds no tokenizer.
     """
-    from mole_lightning.models import load_llava_hf
-
     directory = Path(directory)
     if not (directory / "config.json").is_file():
         raise InferenceError(f"llava-hf folder not found or without config.json: {directory}")
@@ -363,8 +351,6 @@ def read_image(path: str | os.PathLike) -> bytes:
     Raises:
         InferenceError: the file is missing, unreadable or not an image.
     """
-    from PIL import Image, UnidentifiedImageError
-
     path = Path(path)
     if not path.is_file():
         raise InferenceError(f"image not found: {path}")
@@ -402,8 +388,6 @@ def trace_routing(model: Any) -> Iterator[RoutingTrace]:
     Raises:
         InferenceError: the model has no MoLE routers (plain LoRA, K = 1, or no adapters).
     """
-    from mole_lightning.peft import iter_routers
-
     routers = list(iter_routers(model.language_model))
     if not routers:
         raise InferenceError("the model has no MoLE routers (plain LoRA or no adapters): nothing to show")

@@ -12,6 +12,9 @@ import os
 from functools import lru_cache
 from typing import Any
 
+from tokenizers import AddedToken
+from transformers import AutoTokenizer
+
 from mole_lightning.constants import DEFAULT_IMAGE_TOKEN
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
@@ -45,8 +48,6 @@ def require_local_path(path: str, what: str) -> str:
 
 def add_image_token(tokenizer: Any, image_token: str = DEFAULT_IMAGE_TOKEN) -> int:
     """Add ``image_token`` as a special token (no-op when present) and return its id."""
-    from tokenizers import AddedToken
-
     if image_token not in tokenizer.get_vocab():
         tokenizer.add_tokens([AddedToken(image_token, special=True, normalized=False)], special_tokens=True)
     return int(tokenizer.convert_tokens_to_ids(image_token))
@@ -72,8 +73,6 @@ def load_tokenizer(path: str, image_token: str = DEFAULT_IMAGE_TOKEN, trust_remo
         FileNotFoundError: a local-looking ``path`` that does not exist.
         ValueError: the folder holds no loadable tokenizer (one line naming the folder, its files and the cause).
     """
-    from transformers import AutoTokenizer
-
     resolved = require_local_path(path, "tokenizer folder")
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolved, trust_remote_code=trust_remote_code)

@@ -10,8 +10,8 @@ import tarfile
 from PIL import Image
 
 from mole_lightning.data.demo import DEMO_IMAGE_SIZE
-from mole_lightning.data.shards import expand_urls
-from tests.data.test_shards import load_tool
+from mole_lightning.data.sources import expand_urls
+from tests.data.conftest import load_tool
 
 
 def read_records(spec: str) -> list[tuple[dict, bytes | None]]:

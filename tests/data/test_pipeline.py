@@ -24,7 +24,7 @@ from mole_lightning.data.pipeline import (
     split_for_reader,
 )
 from mole_lightning.data.samples import SampleEncoder
-from mole_lightning.data.shards import expand_urls
+from mole_lightning.data.sources import expand_urls
 from tests.data.conftest import IMAGE_SIZE, NUM_IMAGE_TOKENS, image_bytes, record, write_source
 
 

@@ -25,7 +25,7 @@ from mole_lightning.training import (
 )
 from mole_lightning.training.export import export_checkpoint, module_from_checkpoint
 from mole_lightning.training.throughput import parameter_counts, training_flops
-from tests.training.conftest import make_datamodule, make_module
+from tests.demo_modules import make_datamodule, make_module
 
 
 def sgd(lr: float = 1.0):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from mole_lightning.peft import MoLERouter, iter_routers
-from tests.training.conftest import make_module
+from tests.demo_modules import make_module
 
 
 def fit(module, batches, tmp_path, precision: str, steps: int = 3) -> None:

@@ -14,7 +14,6 @@ a Lightning ``Trainer``, with ``LightningCLI`` (every constructor argument is a 
 from __future__ import annotations
 
 import os
-import warnings
 from typing import Any
 
 import lightning.pytorch as pl
@@ -30,7 +29,7 @@ from mole_lightning.data.pipeline import (
     batches_per_worker,
 )
 from mole_lightning.data.samples import SampleEncoder, load_tokenizer
-from mole_lightning.data.shards import count_samples, expand_urls, is_local, local_path
+from mole_lightning.data.sources import count_samples, resolve_sources
 from mole_lightning.data.templates import TEMPLATES, image_token_id
 
 
@@ -39,34 +38,6 @@ def distributed_position() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def resolve_sources(sources: dict[str, dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
-    """Expands each source's ``urls``; drops missing local shards (warning) and sources left without shards.
-
-    Raises:
-        ValueError: On malformed source entries.
-        FileNotFoundError: If no source has a readable shard.
-    """
-    resolved: dict[str, dict[str, Any]] = {}
-    for name, config in sources.items():
-        if not isinstance(config, dict) or "urls" not in config:
-            raise ValueError(f"{kind} source {name!r} must be a dict with 'urls' (and 'weight'), got {config!r}")
-        urls = expand_urls(config["urls"])
-        missing = [u for u in urls if is_local(u) and not os.path.exists(local_path(u))]
-        if missing:
-            warnings.warn(f"{kind} source {name!r}: {len(missing)} missing shard(s), e.g. {missing[0]}", stacklevel=2)
-        urls = [u for u in urls if u not in missing]
-        if not urls:
-            warnings.warn(f"{kind} source {name!r} has no shards left, dropping it", stacklevel=2)
-            continue
-        weight = float(config.get("weight", 1.0))
-        if weight < 0:
-            raise ValueError(f"{kind} source {name!r} has a negative weight {weight}")
-        resolved[name] = {"urls": urls, "weight": weight}
-    if sources and not resolved:
-        raise FileNotFoundError(f"none of the {kind} sources {list(sources)} has a readable shard")
-    return resolved
 
 
 class MixedInstructionDataModule(pl.LightningDataModule):

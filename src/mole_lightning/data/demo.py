@@ -25,9 +25,11 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
 
 from mole_lightning.constants import DEFAULT_IMAGE_TOKEN
-from mole_lightning.data.shards import ShardWriter
+from mole_lightning.data.shard_writer import ShardWriter
 from mole_lightning.data.templates import CHATML_SYSTEM, LLAMA3_SYSTEM, VICUNA_V1_SYSTEM
 
 DEMO_SOURCES = ("general", "doc", "med")
@@ -277,9 +279,6 @@ def train_demo_tokenizer(texts: list[str], out_dir: str, vocab_size: int = 1024)
     Returns:
         ``out_dir``.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()

@@ -27,6 +27,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from mole_lightning.eval.metrics import SourceTaskMetrics, task_names, task_spec
@@ -463,8 +464,6 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 def _tensorboard(trainer: pl.Trainer) -> Any:
     """The ``SummaryWriter`` of the first TensorBoard logger, or ``None``."""
-    from lightning.pytorch.loggers import TensorBoardLogger
-
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
             return logger.experiment

@@ -20,6 +20,8 @@ import json
 from typing import Any
 
 from lmms_eval.api.model import lmms
+from PIL import Image
+from tqdm import tqdm
 
 from mole_lightning.inference import Assistant, load_from_config, load_from_llava_hf
 
@@ -28,7 +30,7 @@ MODEL_ID = "mole_llava"
 
 def manifest() -> Any:
     """The ``lmms_eval.models`` entry-point payload: this module's :class:`MoLELlava` as ``mole_llava``."""
-    from lmms_eval.models.registry_v2 import ModelManifest
+    from lmms_eval.models.registry_v2 import ModelManifest  # cycle: lmms_eval's registry loads this entry point
 
     return ModelManifest(model_id=MODEL_ID, simple_class_path=f"{__name__}.MoLELlava")
 
@@ -39,8 +41,6 @@ def image_bytes(visuals: list[Any]) -> bytes | None:
     Raises:
         ValueError: several images, or a visual that is not a PIL image (videos, audio).
     """
-    from PIL import Image
-
     if not visuals:
         return None
     if len(visuals) > 1:
@@ -134,8 +134,6 @@ class MoLELlava(lmms):
 
     def generate_until(self, requests: list[Any]) -> list[str]:
         """Answers to the requests' questions, cut at the task's ``until`` strings, batched by ``generation_kwargs``."""
-        from tqdm import tqdm
-
         samples = [self._sample(request) for request in requests]
         groups: dict[str, list[int]] = {}
         for index, (_, gen_kwargs, _) in enumerate(samples):

@@ -27,7 +27,8 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from mole_lightning.constants import DEFAULT_IMAGE_TOKEN
-from mole_lightning.data.shards import IMAGE_FIELD_BY_SUFFIX, ConversionReport, ShardWriter
+from mole_lightning.data.llava_json import ConversionReport
+from mole_lightning.data.shard_writer import ShardWriter, image_field
 from mole_lightning.eval.metrics import infer_task, task_names
 from mole_lightning.eval.prompts import SHORT_ANSWER_PROMPT, apply_eval_prompt
 
@@ -181,8 +182,7 @@ def convert_question_file(
                     continue
                 with open(path, "rb") as handle:
                     data = handle.read()
-                suffix = os.path.splitext(path)[1].lower()
-                sample[IMAGE_FIELD_BY_SUFFIX.get(suffix, suffix.lstrip(".") or "jpg")] = data
+                sample[image_field(path)] = data
             sample["json"] = record
             writer.write(sample)
             report.written += 1

@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from mole_lightning.peft import iter_routers
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -210,8 +212,6 @@ class RoutingAccumulator:
     """
 
     def __init__(self, model: nn.Module, sources: Sequence[str], include_generated: bool = False) -> None:
-        from mole_lightning.peft import iter_routers
-
         self.routers = list(iter_routers(model))
         if not self.routers:
             raise ValueError("the model has no MoLE router (MoLE not applied, or one expert)")
@@ -308,10 +308,10 @@ def plot_routing_heatmaps(
     Returns:
         ``[(group label such as "L0-L7", matplotlib Figure)]``; close them with ``matplotlib.pyplot.close``.
     """
-    import matplotlib
+    import matplotlib  # headless backend chosen at call time, before pyplot draws
 
     matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # only once a headless backend is chosen (matplotlib.use("Agg"))
 
     fractions = counts.fractions(tokens).numpy()
     specialization = counts.specialization(tokens)
@@ -377,7 +377,7 @@ def log_routing_to_tensorboard(
     for tag, value in scalars.items():
         experiment.add_scalar(tag, value, step)
     if figures and int(counts.counts.sum()) > 0:
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # only once a headless backend is chosen (matplotlib.use("Agg"))
 
         for label, fig in plot_routing_heatmaps(counts, "all"):
             experiment.add_figure(f"{prefix}/heatmap/{label}", fig, step, close=True)

@@ -29,6 +29,7 @@ from torch import nn
 
 from mole_lightning.constants import IGNORE_INDEX
 from mole_lightning.eval.routing_analysis import SELECTIONS, RoutingCounts, plot_routing_heatmaps
+from mole_lightning.peft import iter_routers
 
 PALETTE = ("#a0cbe8", "#ffbe7d", "#8cd17d", "#ff9d9a", "#d4a6c8", "#86bcb6", "#f1ce63", "#fabfd2", "#d7b5a6")
 """Light colours of experts 0..8 (dark text stays readable); more experts get evenly spaced hues."""
@@ -113,8 +114,6 @@ def sample_routing(
     Returns:
         One :class:`RoutedSample` per row, on the CPU.
     """
-    from mole_lightning.peft import iter_routers
-
     records = [router.record for _, router in iter_routers(model)]
     if not records or any(record is None for record in records):
         raise ValueError("the model's routers hold no record: run a forward pass first")
@@ -159,7 +158,7 @@ def figure_png(figure: Any, dpi: int = 110) -> bytes:
 
 def heatmap_pngs(counts: RoutingCounts, layers_per_figure: int = 8) -> list[tuple[str, str, bytes]]:
     """``[(token type, layer group label, PNG bytes)]`` of the heatmaps of every token type that has tokens."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # only once a headless backend is chosen (matplotlib.use("Agg"))
 
     pngs = []
     for tokens in SELECTIONS:
@@ -173,10 +172,10 @@ def heatmap_pngs(counts: RoutingCounts, layers_per_figure: int = 8) -> list[tupl
 
 def mutual_information_png(counts: RoutingCounts, weighting: str = "tokens") -> bytes:
     """PNG of MI(source; expert) per layer, one line per token type with tokens, H(source) dashed."""
-    import matplotlib
+    import matplotlib  # headless backend chosen at call time, before pyplot draws
 
     matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # only once a headless backend is chosen (matplotlib.use("Agg"))
 
     figure, axis = plt.subplots(figsize=(max(4.0, 0.35 * len(counts.layers) + 2.0), 2.6))
     positions = list(range(len(counts.layers)))

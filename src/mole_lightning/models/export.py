@@ -28,11 +28,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
+from transformers import LlavaConfig
 
+from mole_lightning.data.templates import processor_chat_template
 from mole_lightning.models.llava_mole import LlavaMoLE
 from mole_lightning.models.loading import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, save_adapters
 from mole_lightning.models.projector import MLPProjector, projector_name
 from mole_lightning.models.vision import HFVisionTower, _encoder_layers, _has_cls
+from mole_lightning.peft.layers import LoRALinear, MoLELinear
 from mole_lightning.peft.quantization import is_quantized
 
 EXPORT_FORMATS = ("mole", "peft", "llava-hf")
@@ -64,8 +68,6 @@ def lora_modules(model: LlavaMoLE) -> dict[str, Any]:
     Raises:
         ExportError: the model has routed experts (K > 1), which have no single LoRA per projection.
     """
-    from mole_lightning.peft.layers import LoRALinear, MoLELinear
-
     modules = dict(model.language_model.named_modules())
     routed = [name for name, module in modules.items() if isinstance(module, MoLELinear)]
     if routed:
@@ -107,8 +109,6 @@ def _check_projector(model: LlavaMoLE) -> MLPProjector:
 def llava_hf_config(model: LlavaMoLE) -> Any:
     """The ``LlavaConfig`` of the model: vision config with the layers the tower kept, the LLM config, image token,
     feature layer (counted from the end of the kept layers) and ``"default"`` (drop CLS) or ``"full"``."""
-    from transformers import LlavaConfig
-
     tower = _hf_tower(model)
     projector = _check_projector(model)
     vision_config = copy.deepcopy(tower.model.config)
@@ -167,8 +167,6 @@ def llava_hf_state_dict(model: LlavaMoLE, *, merge: bool) -> dict[str, torch.Ten
 
 def chat_template(tokenizer: Any) -> str:
     """The chat template to ship: the tokenizer's processor template, else its own, else llava-hf's."""
-    from mole_lightning.data.templates import processor_chat_template
-
     try:
         return processor_chat_template(tokenizer)
     except ValueError:
@@ -178,7 +176,7 @@ def chat_template(tokenizer: Any) -> str:
 def llava_hf_processor(model: LlavaMoLE) -> Any:
     """``LlavaProcessor``: the model's tokenizer, a ``CLIPImageProcessor`` with the tower's size, mean and std
     (resize shortest edge, centre crop), the patch size, feature strategy, extra tokens (CLS) and chat template."""
-    from transformers import CLIPImageProcessor, LlavaProcessor
+    from transformers import CLIPImageProcessor, LlavaProcessor  # heavy (~0.5 s): image processing, modeling_utils
 
     tower = _hf_tower(model)
     if model.tokenizer is None:
@@ -214,7 +212,7 @@ def save_llava_hf(model: LlavaMoLE, directory: str | os.PathLike, *, merge: bool
         ExportError: K > 1 with ``merge``, an ``open_clip`` tower, a projector other than ``mlp2x_gelu``, or a
             state dict that does not fill the llava-hf model exactly.
     """
-    from transformers import LlavaForConditionalGeneration
+    from transformers import LlavaForConditionalGeneration  # heavy: loads transformers.modeling_utils
 
     config = llava_hf_config(model)
     state = llava_hf_state_dict(model, merge=merge)
@@ -293,8 +291,6 @@ def save_peft(
     Raises:
         ExportError: no LoRA (stage-1 model), K > 1, or trainable token rows (peft's base would lack them).
     """
-    from safetensors.torch import save_file
-
     if model.mole_config is None:
         raise ExportError("the model has no LoRA adapters to write in peft format; export with --to llava-hf")
     if model.token_row_start is not None and not token_rows_in_base:

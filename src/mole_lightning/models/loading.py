@@ -21,12 +21,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers import AutoModelForCausalLM
 
 from mole_lightning.models.llava_mole import LlavaMoLE
 from mole_lightning.models.projector import MLPProjector, projector_name
 from mole_lightning.models.trainable import trainable_state_dict
 from mole_lightning.models.vision import HFVisionTower
+from mole_lightning.peft import MoLEConfig, load_adapter_state_dict
+from mole_lightning.tokenization import load_tokenizer
 
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -38,8 +42,6 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Tensors of a ``.safetensors`` file, or of a torch pickle read with ``weights_only=True``."""
     path = str(path)
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
         return load_file(path)
     state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
@@ -122,7 +124,7 @@ def load_llava_hf(
         prune_vision: drop vision layers after the feature layer.
         adapter: a ``mole`` adapter export folder to load on top (:func:`load_adapters`; applies its MoLE config).
     """
-    from transformers import AutoModelForCausalLM, LlavaForConditionalGeneration
+    from transformers import LlavaForConditionalGeneration  # heavy: loads transformers.modeling_utils
 
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if dtype is not None:
@@ -174,8 +176,6 @@ def load_llava_hf(
 
 def _maybe_tokenizer(path: str, trust_remote_code: bool) -> Any:
     """The folder's prepared tokenizer, or ``None`` when it holds none."""
-    from mole_lightning.tokenization import load_tokenizer
-
     try:
         return load_tokenizer(path, trust_remote_code=trust_remote_code)
     except ValueError:
@@ -183,8 +183,6 @@ def _maybe_tokenizer(path: str, trust_remote_code: bool) -> Any:
 
 
 def _mole_config(mole: Any) -> Any:
-    from mole_lightning.peft import MoLEConfig
-
     if isinstance(mole, MoLEConfig):
         return mole
     if isinstance(mole, dict):
@@ -204,8 +202,6 @@ def save_adapters(
     Returns:
         The directory.
     """
-    from safetensors.torch import save_file
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_file(trainable_state_dict(model), str(directory / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
@@ -243,10 +239,6 @@ def load_adapters(model: LlavaMoLE, directory: str | os.PathLike) -> LlavaMoLE:
     Raises:
         ValueError: a mismatch between the export and the base (projector type, image token, MoLE config).
     """
-    from safetensors.torch import load_file
-
-    from mole_lightning.peft import load_adapter_state_dict
-
     directory = Path(directory)
     meta = read_adapter_config(directory)
     if meta.get("peft_type") is not None:

@@ -30,6 +30,10 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+from mole_lightning.models.builders import resize_embeddings
+from mole_lightning.models.vision import HFVisionTower
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -185,8 +189,6 @@ def resize_meta_embeddings(
     mean initialisation, same random draws), and put back on meta; the added rows are kept in the new parameters'
     :class:`WeightSource`. Returns the number of rows before resizing.
     """
-    from mole_lightning.models.builders import resize_embeddings
-
     old = language_model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) <= old:
         return old
@@ -230,8 +232,6 @@ def meta_language_model(
 ) -> nn.Module:
     """The causal LM of folder ``path`` as ``from_pretrained`` builds it (config, dtype, generation config, eval
     mode), with its parameters on meta and their file tensors recorded in ``sources``."""
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
-
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     kwargs: dict[str, Any] = {"dtype": dtype or _config_dtype(config)}
     if attn_implementation is not None:
@@ -249,10 +249,6 @@ def meta_vision_tower(
 ) -> nn.Module:
     """The HF vision tower of folder ``path`` (CLIP/SigLIP, vision or full model) as
     :meth:`~mole_lightning.models.vision.HFVisionTower.from_pretrained` builds it, parameters on meta."""
-    from transformers import AutoConfig
-
-    from mole_lightning.models.vision import HFVisionTower
-
     config = AutoConfig.from_pretrained(path)
     with parameters_on_meta():
         tower = HFVisionTower.from_config(getattr(config, "vision_config", config), feature_layer=feature_layer)

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from mole_lightning.peft import adapter_state_dict
+
 WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 """Name components inserted by FSDP1, activation-checkpoint wrappers and ``torch.compile``."""
 
@@ -48,8 +50,6 @@ def missing_trainable(state: dict[str, Any], names: list[str]) -> list[str]:
 def trainable_state_dict(model: Any) -> dict[str, torch.Tensor]:
     """What training changes, for exports: ``language_model.*`` adapter/router tensors, ``projector.*``, and
     ``token_rows.{input,output}`` (rows added for new tokens, when trainable); contiguous CPU tensors."""
-    from mole_lightning.peft import adapter_state_dict
-
     state: dict[str, torch.Tensor] = {}
     if model.mole_config is not None:
         state.update({f"language_model.{k}": v for k, v in adapter_state_dict(model.language_model).items()})

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import AutoConfig, CLIPVisionConfig, SiglipVisionConfig
 
 from mole_lightning.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, SIGLIP_MEAN_STD
 
@@ -119,7 +120,7 @@ class OpenCLIPVisionTower(VisionTower):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        import open_clip
+        import open_clip  # heavy (~0.7 s): only open_clip towers need it
 
         if model_cfg is not None:
             cfg = dict(model_cfg)
@@ -221,7 +222,7 @@ class HFVisionTower(VisionTower):
             siglip: force SigLIP (``True``) or CLIP (``False``); ``None`` reads ``model_type`` from the config.
             prune: remove encoder layers after the selected one.
         """
-        from transformers import AutoConfig, CLIPVisionModel, SiglipVisionModel
+        from transformers import CLIPVisionModel, SiglipVisionModel  # heavy: loads transformers.modeling_utils
 
         if siglip is None:
             siglip = "siglip" in AutoConfig.from_pretrained(path).model_type
@@ -242,7 +243,7 @@ class HFVisionTower(VisionTower):
             feature_layer: index into ``hidden_states``.
             prune: remove encoder layers after the selected one.
         """
-        from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
+        from transformers import CLIPVisionModel, SiglipVisionModel  # heavy: loads transformers.modeling_utils
 
         if isinstance(config, dict):
             values = dict(config)
@@ -367,7 +368,6 @@ def _hf_geometry(name_or_path: str | None, config: dict[str, Any] | None, trust_
     else:
         if name_or_path is None:
             raise ValueError("an 'hf' vision tower needs vision_name_or_path or vision_config")
-        from transformers import AutoConfig
 
         try:
             loaded = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
@@ -393,7 +393,7 @@ def _build_open_clip(name_or_path: str | None, pretrained: str | None, config: d
 def _open_clip_geometry(name_or_path: str | None, config: dict[str, Any] | None, _: bool) -> VisionGeometry:
     """Tokens per image (class token not counted), size and OpenAI CLIP mean/std of an ``open_clip`` tower."""
     if config is None:
-        import open_clip
+        import open_clip  # heavy (~0.7 s): only open_clip towers need it
 
         config = open_clip.get_model_config(name_or_path or "ViT-L-14-336")
         if config is None:

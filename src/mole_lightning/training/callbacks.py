@@ -11,6 +11,7 @@ atomic checkpoint files.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,8 +20,11 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
+
+from mole_lightning.peft import expert_counts_per_sample
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -49,8 +53,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 def _tensorboard(trainer: pl.Trainer) -> Any:
     """The TensorBoard ``SummaryWriter`` of the trainer's loggers, or ``None``."""
-    from lightning.pytorch.loggers import TensorBoardLogger
-
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
             return logger.experiment
@@ -59,10 +61,10 @@ def _tensorboard(trainer: pl.Trainer) -> Any:
 
 def heatmap_figure(matrix: torch.Tensor, row_labels: list[str], title: str, col_prefix: str = "expert") -> Any:
     """A matplotlib figure of ``matrix`` (rows × experts) with the values written in the cells."""
-    import matplotlib
+    import matplotlib  # headless backend chosen at call time, before pyplot draws
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # only once a headless backend is chosen (matplotlib.use("Agg"))
 
     data = matrix.float().numpy()
     rows, cols = data.shape
@@ -101,8 +103,6 @@ class RoutingHeatmapCallback(Callback):
         self.log_every_n_steps = log_every_n_steps
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        from mole_lightning.peft import expert_counts_per_sample
-
         step = trainer.global_step - 1  # the step this batch was trained in
         every = trainer.log_every_n_steps if self.log_every_n_steps is None else self.log_every_n_steps
         scalars = every > 0 and step % every == 0
@@ -145,7 +145,7 @@ class RoutingHeatmapCallback(Callback):
 
 
 def _add_figure(writer: Any, tag: str, matrix: torch.Tensor, rows: list[str], title: str, step: int) -> None:
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # only once a headless backend is chosen (matplotlib.use("Agg"))
 
     fig = heatmap_figure(matrix, rows, title)
     writer.add_figure(tag, fig, global_step=step)
@@ -171,8 +171,6 @@ def logged_source_metrics(metrics: dict[str, Any], prefix: str) -> tuple[dict[st
 
 def source_table(val_losses: dict[str, float], val_routing: dict[str, torch.Tensor]) -> str:
     """Markdown table: one row per source with its validation loss, perplexity and expert shares."""
-    import math
-
     sources = sorted(set(val_losses) | set(val_routing))
     num_experts = max((len(v) for v in val_routing.values()), default=0)
     header = ["source", "val loss", "val ppl"] + [f"expert {k}" for k in range(num_experts)]

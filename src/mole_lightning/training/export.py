@@ -18,8 +18,10 @@ from typing import Any
 
 import torch
 
-from mole_lightning.models import clean_parameter_name
+from mole_lightning.models import clean_parameter_name, load_adapters, load_llava_hf
+from mole_lightning.models.export import check_destination, export_model
 from mole_lightning.models.llava_mole import LlavaMoLE
+from mole_lightning.models.loading import read_adapter_config
 from mole_lightning.training.module import MoLELightningModule
 
 TRAINING_CONFIG_NAME = "training_config.json"
@@ -69,9 +71,6 @@ def load_trained_model(path: str | os.PathLike) -> tuple[LlavaMoLE, dict[str, An
         FileNotFoundError: ``path`` does not exist.
         ValueError: a folder that is no ``mole`` export (a peft folder, or neither a base nor a training config).
     """
-    from mole_lightning.models import load_adapters, load_llava_hf
-    from mole_lightning.models.loading import read_adapter_config
-
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"input {str(path)!r} does not exist")
@@ -107,8 +106,6 @@ def export_checkpoint(
     Returns:
         The export directory.
     """
-    from mole_lightning.models.export import check_destination, export_model
-
     check_destination(output_dir, overwrite=options.get("overwrite", False))  # fail before loading anything
     model, hparams = load_trained_model(checkpoint_path)
     extra = {TRAINING_CONFIG_NAME: json.dumps(hparams, indent=2, default=str)} if to == "mole" and hparams else None

@@ -18,6 +18,7 @@ from typing import Any
 
 from lightning.pytorch.callbacks import ThroughputMonitor
 
+from mole_lightning.peft import LoRALinear, MoLELinear, MoLERouter
 from mole_lightning.peft.quantization import logical_numel
 
 
@@ -33,8 +34,6 @@ class ParameterCounts:
 
 def parameter_counts(model: Any) -> ParameterCounts:
     """Count the parameters of a ``LlavaMoLE`` by role (shapes only; works on sharded and meta tensors)."""
-    from mole_lightning.peft import LoRALinear, MoLELinear, MoLERouter
-
     embeddings = {id(w) for w in model.embedding_weights()[:1]}
     adapter = 0
     for module in model.language_model.modules():

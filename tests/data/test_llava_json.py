@@ -1,54 +1,14 @@
-"""Shard writing, URL expansion and the LLaVA JSON → shards → batches round trip (with the converter tool)."""
+"""The LLaVA JSON → shards → batches round trip, with the converter tool and its report of skipped records."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import tarfile
 
 from PIL import Image
 
 from mole_lightning.constants import IGNORE_INDEX
 from mole_lightning.data import MixedInstructionDataModule
-from mole_lightning.data.shards import ShardWriter, count_samples, expand_urls
-from tests.data.conftest import IMAGE_SIZE, NUM_IMAGE_TOKENS
-
-TOOLS = os.path.join(os.path.dirname(__file__), "..", "..", "tools")
-
-
-def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(TOOLS, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_shard_writer_splits_by_maxcount_and_records_sizes(tmp_path):
-    with ShardWriter(str(tmp_path), "src", maxcount=2) as writer:
-        for index in range(5):
-            writer.write({"__key__": f"{index:03d}", "json": {"i": index}, "txt": "hello"})
-    assert sorted(os.listdir(tmp_path)) == ["sizes.json", "src-000000.tar", "src-000001.tar", "src-000002.tar"]
-    assert json.loads((tmp_path / "sizes.json").read_text()) == {
-        "src-000000.tar": 2,
-        "src-000001.tar": 2,
-        "src-000002.tar": 1,
-    }
-    with tarfile.open(tmp_path / "src-000001.tar") as tar:
-        assert tar.getnames() == ["002.json", "002.txt", "003.json", "003.txt"]
-        assert json.load(tar.extractfile("003.json")) == {"i": 3}
-    assert writer.brace_spec == f"{tmp_path}/src-{{000000..000002}}.tar"
-    assert count_samples(expand_urls(writer.brace_spec)) == 5
-
-
-def test_expand_urls_handles_braces_lists_directories_and_double_colons(tmp_path):
-    for name in ("a-000000.tar", "a-000001.tar"):
-        (tmp_path / name).write_bytes(b"")
-    assert expand_urls("x-{000000..000002}.tar") == ["x-000000.tar", "x-000001.tar", "x-000002.tar"]
-    assert expand_urls(["http://h/a.tar", "pipe:cat b.tar"]) == ["http://h/a.tar", "pipe:cat b.tar"]
-    assert expand_urls("p.tar::q.tar") == ["p.tar", "q.tar"]
-    assert expand_urls(str(tmp_path)) == [str(tmp_path / "a-000000.tar"), str(tmp_path / "a-000001.tar")]
-    assert count_samples(["http://h/a.tar"]) is None
+from tests.data.conftest import IMAGE_SIZE, NUM_IMAGE_TOKENS, load_tool
 
 
 def write_llava_folder(root) -> str:
