@@ -42,6 +42,14 @@ from typing import Any
 
 import torch
 
+from mole_lightning.data import MixedInstructionDataModule
+from mole_lightning.eval.callback import take_rows
+from mole_lightning.eval.routing_analysis import SELECTIONS, RoutingAccumulator
+from mole_lightning.eval.routing_page import heatmap_pngs, render_routing_page, sample_routing
+from mole_lightning.models import build_preset, load_adapters
+from mole_lightning.training import MoLELightningModule
+from mole_lightning.training.export import TRAINING_CONFIG_NAME
+
 
 def parse_sources(values: list[str]) -> dict[str, dict[str, str]]:
     """``["name=urls", ...]`` → ``{name: {"urls": urls}}``."""
@@ -95,8 +103,6 @@ def load_trained_tensors(model: Any, state: dict[str, torch.Tensor], prefix: str
 
 def read_training_config(adapter: str) -> dict[str, Any]:
     """The training hyper-parameters saved beside an exported adapter (``{}`` when there are none)."""
-    from mole_lightning.training.export import TRAINING_CONFIG_NAME
-
     path = os.path.join(adapter, TRAINING_CONFIG_NAME)
     if not os.path.exists(path):
         return {}
@@ -111,8 +117,6 @@ def build_model(args: argparse.Namespace) -> Any:
     checkpoint's hyper-parameters, or ``training_config.json`` of an export); otherwise, or when nothing was
     recorded, the preset (default ``tiny``) with the extra arguments.
     """
-    from mole_lightning.models import build_preset, load_adapters
-
     state = None
     hparams: dict[str, Any] = {}
     if args.ckpt:
@@ -123,8 +127,6 @@ def build_model(args: argparse.Namespace) -> Any:
     if seed is None:
         seed = hparams["model_seed"] if isinstance(hparams.get("model_seed"), int) else 0
     if args.preset is None and args.model_kwargs is None and hparams.get("architecture"):
-        from mole_lightning.training import MoLELightningModule
-
         module = MoLELightningModule.from_hparams({**hparams, "tokenizer": args.tokenizer, "model_seed": seed})
         model = module.build_model()
     else:
@@ -182,14 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.html_samples < 0:
         raise SystemExit(f"--html-samples must be at least 0, got {args.html_samples}")
 
-    import matplotlib
+    import matplotlib  # headless backend chosen before anything draws
 
     matplotlib.use("Agg")
-
-    from mole_lightning.data import MixedInstructionDataModule
-    from mole_lightning.eval.callback import take_rows
-    from mole_lightning.eval.routing_analysis import SELECTIONS, RoutingAccumulator
-    from mole_lightning.eval.routing_page import heatmap_pngs, render_routing_page, sample_routing
 
     sources = parse_sources(args.val)
     model = build_model(args).to(args.device)

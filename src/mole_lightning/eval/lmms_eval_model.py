@@ -30,7 +30,7 @@ MODEL_ID = "mole_llava"
 
 def manifest() -> Any:
     """The ``lmms_eval.models`` entry-point payload: this module's :class:`MoLELlava` as ``mole_llava``."""
-    from lmms_eval.models.registry_v2 import ModelManifest  # cycle: lmms_eval's registry loads this entry point
+    from lmms_eval.models.registry_v2 import ModelManifest  # only when lmms-eval resolves the entry point
 
     return ModelManifest(model_id=MODEL_ID, simple_class_path=f"{__name__}.MoLELlava")
 

@@ -17,12 +17,16 @@ import os
 from typing import Any
 
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from torch import nn
+from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
 from mole_lightning.constants import DEFAULT_IMAGE_TOKEN
 from mole_lightning.models.llava_mole import LlavaMoLE
+from mole_lightning.models.loading import load_projector
 from mole_lightning.models.projector import build_projector
 from mole_lightning.models.vision import VisionTower, tower_kind
+from mole_lightning.peft import MoLEConfig
 from mole_lightning.peft.quantization import bitsandbytes_config, check_quantize, quantize_linears
 from mole_lightning.tokenization import add_image_token, load_tokenizer, prepare_tokenizer, require_local_path
 
@@ -68,9 +72,6 @@ def tiny_tokenizer(*, image_token: str = DEFAULT_IMAGE_TOKEN) -> Any:
     Encodes any text losslessly with a 260-token vocabulary (+ ``<image>``); for tiny random models and tests. Like
     Llama's, it puts ``<s>`` in front when called with ``add_special_tokens=True``.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {tok: i for i, tok in enumerate(TINY_SPECIAL_TOKENS)}
     vocab.update({ch: len(TINY_SPECIAL_TOKENS) + i for i, ch in enumerate(alphabet)})
@@ -110,8 +111,6 @@ def build_language_model(
             there is one, else on CPU); from a config by :func:`~mole_lightning.peft.quantization.quantize_linears`
             after building.
     """
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
     check_quantize(quantize)
     kwargs: dict[str, Any] = {}
     if dtype is not None:
@@ -225,8 +224,7 @@ def build_llava_mole(
             projector) as frozen 4-bit bitsandbytes weights (see :func:`build_language_model`); the adapters run
             over them unchanged. Not with ``frozen_on_meta``.
     """
-    from mole_lightning.models import sharded_loading
-    from mole_lightning.models.loading import load_projector
+    from mole_lightning.models import sharded_loading  # cycle: sharded_loading imports resize_embeddings from here
 
     if check_quantize(quantize) is not None and frozen_on_meta:
         raise ValueError(
@@ -299,8 +297,6 @@ def build_llava_mole(
     model.weight_sources = sources
     if mole is not None:
         if isinstance(mole, dict):
-            from mole_lightning.peft import MoLEConfig
-
             mole = MoLEConfig(**mole)
         model.apply_mole(mole)
     if train_new_token_rows and len(tokenizer) > first_new_row:

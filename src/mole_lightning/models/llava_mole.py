@@ -22,8 +22,10 @@ from typing import Any
 import torch
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import distribute_tensor
 
 from mole_lightning.models.vision import VisionTower
+from mole_lightning.peft import apply_mole, collect_aux, routing_mask, routing_statistics
 from mole_lightning.pixels import normalize_pixels
 
 ROUTER_KEY = "router"
@@ -117,8 +119,6 @@ class LlavaMoLE(nn.Module):
         Args:
             config: a ``MoLEConfig``.
         """
-        from mole_lightning.peft import apply_mole
-
         if self.mole_config is not None:
             raise RuntimeError("MoLE adapters are already applied to this model")
         apply_mole(self.language_model, config)
@@ -185,8 +185,6 @@ class LlavaMoLE(nn.Module):
 
     def _local_row_indices(self, grad: Any) -> torch.Tensor:
         """Global row indices of the local shard of a row-sharded ``DTensor`` (cached per layout)."""
-        from torch.distributed.tensor import distribute_tensor
-
         key = (tuple(grad.shape), grad.device_mesh, tuple(grad.placements))
         cache = self._row_index_cache
         if key not in cache:
@@ -408,8 +406,6 @@ class LlavaMoLE(nn.Module):
             out = self.language_model(**lm_kwargs)
             zero = out.logits.new_zeros((), dtype=torch.float32)
             return LlavaMoLEOutput(loss=out.loss, logits=out.logits, aux_loss=zero, balance_loss=zero, z_loss=zero)
-
-        from mole_lightning.peft import collect_aux, routing_mask, routing_statistics
 
         token_mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
         with routing_mask(self.language_model, token_mask):

@@ -18,6 +18,7 @@ from collections.abc import Iterator, Mapping
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import distribute_tensor
 
 from mole_lightning.peft.config import MoLEConfig
 from mole_lightning.peft.layers import LoRALinear, MoLELinear, _FrozenLinearBase, adapter_device
@@ -249,7 +250,5 @@ def load_adapter_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Ten
         for name, param in params.items():
             value = state_dict[name].to(dtype=param.dtype)
             if hasattr(param, "device_mesh"):  # DTensor under FSDP2: shard the full tensor like the parameter
-                from torch.distributed.tensor import distribute_tensor
-
                 value = distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
             param.copy_(value)

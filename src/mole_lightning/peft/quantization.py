@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+from transformers import BitsAndBytesConfig
 
 QUANTIZE_TYPES: tuple[str, ...] = ("nf4", "fp4")
 """4-bit data types of ``quantize``: ``"nf4"`` (NormalFloat, QLoRA's) and ``"fp4"``."""
@@ -47,7 +48,7 @@ def require_bitsandbytes() -> Any:
         ImportError: naming the install command when it is missing.
     """
     try:
-        import bitsandbytes
+        import bitsandbytes  # optional dependency (the qlora extra)
     except ImportError as err:
         raise ImportError(
             "a 4-bit base (quantize='nf4'/'fp4') needs bitsandbytes: pip install bitsandbytes "
@@ -101,8 +102,6 @@ def dequantized_weight(weight: torch.Tensor) -> torch.Tensor:
 def bitsandbytes_config(quantize: str, compute_dtype: torch.dtype | None = None) -> Any:
     """transformers' ``BitsAndBytesConfig`` for ``from_pretrained(path, quantization_config=...)``: 4-bit
     ``quantize`` codes with double quantisation, the base matmul in ``compute_dtype`` (``None``: float32)."""
-    from transformers import BitsAndBytesConfig
-
     check_quantize(quantize)
     require_bitsandbytes()
     return BitsAndBytesConfig(

@@ -6,11 +6,14 @@ The meta-device build and the file readers are :mod:`mole_lightning.models.shard
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import math
 from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import Shard
 
 from mole_lightning.models.sharded_loading import WeightSource
 from mole_lightning.training.strategies import fully_shard_llava_mole
@@ -18,8 +21,6 @@ from mole_lightning.training.strategies import fully_shard_llava_mole
 
 def _local_rows(param: torch.Tensor, local: torch.Tensor) -> int:
     """First global row of a parameter's local shard (``Shard(0)`` on a 1-D mesh, or replicated: 0)."""
-    from torch.distributed.tensor import Shard
-
     placements = getattr(param, "placements", ())
     if not any(isinstance(p, Shard) for p in placements):
         return 0
@@ -94,9 +95,6 @@ def shard_and_load(model: nn.Module, mesh: Any, **fsdp_options: Any) -> nn.Modul
 
 def _release_freed_memory() -> None:
     """Hand memory freed by the allocator back to the system (glibc ``malloc_trim``; nothing elsewhere)."""
-    import ctypes
-    import gc
-
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -14,7 +14,9 @@ from typing import Any, Literal
 
 import torch
 
+from mole_lightning.models import PRESETS, TINY_OPEN_CLIP_CONFIG, build_llava_mole
 from mole_lightning.models.vision import VisionGeometry, vision_geometry
+from mole_lightning.peft import MoLEConfig
 from mole_lightning.peft.quantization import Quantize, check_quantize
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -74,8 +76,6 @@ class ModelSpec:
 
         ``mole`` is not included (it comes from the preset and is replaced by the module's ``mole`` argument).
         """
-        from mole_lightning.models import PRESETS
-
         kwargs: dict[str, Any] = {}
         if self.preset is not None:
             if self.preset not in PRESETS:
@@ -89,8 +89,6 @@ class ModelSpec:
                 value = DTYPES[value]
             kwargs[field.name] = copy.deepcopy(value)
         if self.vision == "open_clip" and self.preset == "tiny" and self.vision_config is None:
-            from mole_lightning.models import TINY_OPEN_CLIP_CONFIG
-
             kwargs["vision_config"] = copy.deepcopy(TINY_OPEN_CLIP_CONFIG)
         if "llm_path" in kwargs and self.llm_config is None and self.llm_path is not None:
             kwargs.pop("llm_config", None)
@@ -102,8 +100,6 @@ class ModelSpec:
 
     def resolve_mole(self, mole: Any = None) -> Any:
         """The MoLE configuration to apply: ``mole`` if given, else the preset's, else ``None`` (no adapters)."""
-        from mole_lightning.peft import MoLEConfig
-
         if mole is None:
             mole = self.preset_mole()
         return MoLEConfig.from_dict(mole) if isinstance(mole, dict) else mole
@@ -118,8 +114,6 @@ class ModelSpec:
             ValueError: The built tower gives another number of tokens per image than its config said (the data
                 would be prepared for the wrong geometry).
         """
-        from mole_lightning.models import build_llava_mole
-
         kwargs = {**self.builder_kwargs(), "mole": self.resolve_mole(mole), "frozen_on_meta": frozen_on_meta}
         if tokenizer is not None:
             kwargs["tokenizer"] = tokenizer

@@ -26,7 +26,10 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch import nn
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp.wrap import CustomPolicy
 
+from mole_lightning.peft import MoLERouter
 from mole_lightning.peft.quantization import is_quantized
 
 DEFAULT_WRAP_CLASS_NAMES: tuple[str, ...] = (
@@ -93,8 +96,6 @@ def fully_shard_llava_mole(
     Raises:
         ValueError: the model has a 4-bit (bitsandbytes) base.
     """
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
-
     if is_quantized(model):
         raise ValueError(QUANTIZED_SHARDING_ERROR)
     names = getattr(mesh, "mesh_dim_names", None) or ()
@@ -107,9 +108,6 @@ def fully_shard_llava_mole(
         )
     if cpu_offload:
         kwargs["offload_policy"] = CPUOffloadPolicy()
-
-    from mole_lightning.peft import MoLERouter
-
     for module in model.modules():
         if isinstance(module, MoLERouter):
             fully_shard(module, reshard_after_forward=reshard_after_forward, **kwargs)
@@ -192,8 +190,6 @@ class MoLEModelParallelStrategy(ModelParallelStrategy):
         when the optimizer state is gathered for a checkpoint (``KeyError`` in ``get_optimizer_state_dict``).
         Called after every evaluation loop and before every checkpoint gather.
         """
-        from torch.distributed.fsdp import FSDPModule
-
         module = self.lightning_module
         if module is None:
             return
@@ -238,8 +234,6 @@ class MoLEModelParallelStrategy(ModelParallelStrategy):
 
 
 def _class_name_policy(class_names: Iterable[str]) -> Any:
-    from torch.distributed.fsdp.wrap import CustomPolicy
-
     names = frozenset(class_names)
     return CustomPolicy(lambda module: type(module).__name__ in names)
 
@@ -292,8 +286,6 @@ class MoLEFSDPStrategy(FSDPStrategy):
         config = super().mixed_precision_config
         if config is None:
             return None
-        from mole_lightning.peft import MoLERouter
-
         ignored = tuple(config._module_classes_to_ignore)
         if MoLERouter not in ignored:
             config = dataclasses.replace(config, _module_classes_to_ignore=(*ignored, MoLERouter))
@@ -304,10 +296,6 @@ def default_strategy(num_devices: int, accelerator: str = "auto") -> str | Any:
     """``"auto"`` for one device; FSDP2 (:class:`MoLEModelParallelStrategy`) for several when torch supports it."""
     if num_devices <= 1:
         return "auto"
-    try:
-        from torch.distributed.fsdp import fully_shard  # noqa: F401
-    except ImportError:
-        return MoLEFSDPStrategy()
     return MoLEModelParallelStrategy(process_group_backend="gloo" if accelerator == "cpu" else None)
 
 
