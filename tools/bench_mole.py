@@ -90,10 +90,16 @@ def build_variants(base: nn.Module, num_experts: int, rank: int, routing: str, w
     lora = apply_mole(copy.deepcopy(base), MoLEConfig(num_experts=1, rank=rank, alpha=2.0 * rank))
     variants["lora"] = lora
     if with_peft:
-        import peft
+        import peft  # optional dependency (the dev extra)
 
         config = peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["gate_proj", "up_proj", "down_proj"])
+        # peft's default upcasts the adapters of a bf16/fp16 base to fp32 (autocast_adapter_dtype=True); the second
+        # variant keeps them in the base dtype. Ours: fp32 master weights computed in the input's dtype.
         variants["peft_lora"] = peft.get_peft_model(copy.deepcopy(base), config)
+        if next(base.parameters()).dtype != torch.float32:
+            variants["peft_lora_base_dtype"] = peft.get_peft_model(
+                copy.deepcopy(base), config, autocast_adapter_dtype=False
+            )
     if num_experts > 1:
         matched = num_experts * rank
         variants[f"lora_r{matched}"] = apply_mole(
@@ -252,7 +258,16 @@ def print_results(title: str, results: list[Result]) -> None:
         )
 
 
-SUMMARY_COLUMNS = ("base", "peft_lora", "lora_matched", "mole_loop", "mole_dense_masked", "mole_grouped", "mole_auto")
+SUMMARY_COLUMNS = (
+    "base",
+    "peft_lora",
+    "peft_lora_base_dtype",
+    "lora_matched",
+    "mole_loop",
+    "mole_dense_masked",
+    "mole_grouped",
+    "mole_auto",
+)
 
 
 def summary_table(results: list[Result]) -> str:
