@@ -21,7 +21,6 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 
 from mole_lightning.constants import IGNORE_INDEX
@@ -33,7 +32,7 @@ from mole_lightning.training.optim import parameter_groups
 from mole_lightning.training.sharded_loading import shard_and_load
 from mole_lightning.training.source_metrics import SourceLossMetric
 from mole_lightning.training.spec import ModelSpec, VisionGeometry
-from mole_lightning.training.strategies import QUANTIZED_SHARDING_ERROR
+from mole_lightning.training.strategies import refuse_sharded_4bit
 from mole_lightning.training.throughput import parameter_counts, training_flops
 
 
@@ -123,17 +122,12 @@ class MoLELightningModule(pl.LightningModule):
 
     def configure_model(self) -> None:
         """Build the model once (later calls do nothing). With a device mesh, frozen weights from folders are built on
-        the meta device and each rank reads only its own shards of their files (``shard_and_load``).
-
-        Raises:
-            ValueError: a 4-bit base (``architecture.quantize``) under FSDP or FSDP2, before anything is built.
-        """
+        the meta device and each rank reads only its own shards of their files (``shard_and_load``). A 4-bit base
+        under FSDP/FSDP2 is refused (``ValueError``) before anything is built."""
         if self.model is not None:
             return
         mesh = getattr(self, "_device_mesh", None)
-        strategy = self._trainer.strategy if self._trainer is not None else None
-        if self.architecture.quantize is not None and (mesh is not None or isinstance(strategy, FSDPStrategy)):
-            raise ValueError(QUANTIZED_SHARDING_ERROR)
+        refuse_sharded_4bit(self.architecture.quantize, mesh, self._trainer and self._trainer.strategy)
         model = self.build_model(frozen_on_meta=mesh is not None)
         if self.hparams.adapter_path is not None:
             load_adapters(model, self.hparams.adapter_path)
@@ -244,11 +238,8 @@ class MoLELightningModule(pl.LightningModule):
         checkpoint["mole_training"] = {"nonfinite_total": self.nonfinite.total}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Check that the checkpoint holds every trainable tensor (``strict_loading`` is off for frozen weights).
-
-        Raises:
-            KeyError: naming the trainable tensors the checkpoint lacks.
-        """
+        """Check that the checkpoint holds every trainable tensor (``strict_loading`` is off for frozen weights): a
+        ``KeyError`` names those it lacks."""
         self.nonfinite.total = int(checkpoint.get("mole_training", {}).get("nonfinite_total", 0))
         state = checkpoint.get("state_dict")
         missing = missing_trainable(state, trainable_names(self)) if state and self.model is not None else []

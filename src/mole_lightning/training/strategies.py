@@ -56,6 +56,13 @@ def _decoder_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if type(m).__name__ in DEFAULT_WRAP_CLASS_NAMES[:-1]]
 
 
+def refuse_sharded_4bit(quantize: str | None, mesh: Any, strategy: Any) -> None:
+    """Raise ``ValueError`` (:data:`QUANTIZED_SHARDING_ERROR`) when a 4-bit base (``quantize`` set) would be sharded:
+    a device mesh is given (FSDP2) or ``strategy`` is FSDP1."""
+    if quantize is not None and (mesh is not None or isinstance(strategy, FSDPStrategy)):
+        raise ValueError(QUANTIZED_SHARDING_ERROR)
+
+
 def _trained_embedding_modules(model: nn.Module) -> list[list[nn.Module]]:
     """The input embedding and LM head modules whose weights are trained, grouped by weight (tied: one group)."""
     language_model = getattr(model, "language_model", None)
