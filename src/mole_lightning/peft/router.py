@@ -41,8 +41,8 @@ class RoutingDecision:
     Attributes:
         expert: (T,) index of the chosen expert.
         coeff: (T, K) fp32 multiplier of each expert's rank-r intermediate (zero for unchosen experts, except in
-            ``soft`` mode).
-        dense: True in ``soft`` mode, where every expert contributes.
+            a dense gate mode such as ``soft``).
+        dense: the gate mode is dense (``GateSpec.dense``, e.g. ``soft``): every expert contributes to every token.
     """
 
     expert: torch.Tensor
