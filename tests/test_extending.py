@@ -114,9 +114,9 @@ def squared_top_prob(probs, expert):
 
 
 def test_a_registered_gate_mode_weights_the_experts_and_trains_the_router(monkeypatch):
-    register_gate("squared", GateSpec(squared_top_prob))
-    register_gate("frozen_router", GateSpec(squared_top_prob, router_gradient=False))
     try:
+        register_gate("squared", GateSpec(squared_top_prob))
+        register_gate("frozen_router", GateSpec(squared_top_prob, router_gradient=False))
         # Identity router on 2-d inputs, A_e = I, B_e = (e + 1) I, zero base: delta = scale * coeff * (e + 1) * x.
         ln3 = math.log(3.0)
         x = torch.tensor([[0.0, ln3], [ln3, 0.0]])  # probs (.25, .75) -> expert 1; (.75, .25) -> expert 0
@@ -131,9 +131,11 @@ def test_a_registered_gate_mode_weights_the_experts_and_trains_the_router(monkey
             mlp.router.bias.zero_()
             mlp.up_proj.lora_A.copy_(torch.eye(2).expand(2, 2, 2))
             mlp.up_proj.lora_B.copy_(torch.stack([torch.eye(2), 2 * torch.eye(2)]))
-        out = mlp(x)
         expected = 1.5 * torch.tensor([[0.75**2 * 2.0], [0.75**2 * 1.0]]) * x
-        torch.testing.assert_close(out, expected)
+        for impl in ("loop", "dense_masked"):  # a sparse mode: the per-expert and the dense kernel agree
+            mlp.up_proj.impl = impl
+            torch.testing.assert_close(mlp(x), expected, msg=impl)
+        out = mlp(x)
         out.sum().backward()
         assert torch.count_nonzero(mlp.router.weight.grad) > 0  # the coefficient carries the task gradient
 
@@ -145,8 +147,8 @@ def test_a_registered_gate_mode_weights_the_experts_and_trains_the_router(monkey
             cli_main(["fit", "--config", "configs/demo.yaml", "--model.mole.gate", "squared", "--print_config"])
         assert exit_info.value.code in (0, None) and "gate: squared" in printed.getvalue()
     finally:
-        GATES.pop("squared")
-        GATES.pop("frozen_router")
+        GATES.pop("squared", None)
+        GATES.pop("frozen_router", None)
     with pytest.raises(ValueError, match="registered gate mode"):
         MoLEConfig(gate="squared")
 

@@ -185,7 +185,7 @@ def test_fp4_is_the_other_4bit_type():
 
 def test_bad_quantize_value_is_a_one_line_value_error():
     assert check_quantize(None) is None and check_quantize("nf4") == "nf4"
-    with pytest.raises(ValueError, match=r"quantize must be None, 'nf4' or 'fp4'.*got 'int8'") as info:
+    with pytest.raises(ValueError, match=r"quantize must be None or one of \('nf4', 'fp4'\).*got 'int8'") as info:
         check_quantize("int8")
     assert "\n" not in str(info.value)
     with pytest.raises(ValueError, match="quantize must be"):

@@ -19,6 +19,8 @@ import pytest
 import torch
 
 from mole_lightning.data import make_demo_data
+from mole_lightning.peft.quantization import is_quantized
+from mole_lightning.training import MoLELightningModule
 
 ROOT = Path(__file__).parents[2]
 CONFIGS = ROOT / "configs"
@@ -115,6 +117,10 @@ def test_qlora_recipe_fits_on_one_device_and_exports(real_folders, shards, tmp_p
     assert state["global_step"] == 2 and any("router" in k for k in trained)
     assert {v.dtype for v in trained.values()} == {torch.float32}
     assert not any(k.endswith(("proj.weight", "absmax")) for k in trained)  # the 4-bit base is never saved
+    hparams = state["hyper_parameters"]
+    assert hparams["architecture"]["quantize"] == "nf4"
+    rebuilt = MoLELightningModule.from_hparams(hparams).build_model()  # what the run trained over
+    assert is_quantized(rebuilt.language_model) and not is_quantized(rebuilt.vision_tower)
     out = tmp_path / "export"
     command = [sys.executable, str(ROOT / "tools" / "export_adapter.py"), str(tmp_path / "ckpt" / "last.ckpt")]
     export = run([*command, "--out", str(out)], ROOT)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from torch import nn
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, PreTrainedTokenizerFast
 
 from mole_lightning.constants import DEFAULT_IMAGE_TOKEN
 from mole_lightning.models.llava_mole import LlavaMoLE
@@ -27,7 +27,7 @@ from mole_lightning.models.loading import load_projector
 from mole_lightning.models.projector import build_projector
 from mole_lightning.models.vision import VisionTower, tower_kind
 from mole_lightning.peft import MoLEConfig
-from mole_lightning.peft.quantization import bitsandbytes_config, check_quantize, quantize_linears
+from mole_lightning.peft.quantization import check_quantize, quantize_linears, require_bitsandbytes
 from mole_lightning.tokenization import add_image_token, load_tokenizer, prepare_tokenizer, require_local_path
 
 VisionKind = str
@@ -86,6 +86,19 @@ def tiny_tokenizer(*, image_token: str = DEFAULT_IMAGE_TOKEN) -> Any:
     )
     add_image_token(tokenizer, image_token)
     return tokenizer
+
+
+def bitsandbytes_config(quantize: str, compute_dtype: torch.dtype | None = None) -> Any:
+    """transformers' ``BitsAndBytesConfig`` for ``from_pretrained(path, quantization_config=...)``: 4-bit
+    ``quantize`` codes with double quantisation, the base matmul in ``compute_dtype`` (``None``: float32)."""
+    check_quantize(quantize)
+    require_bitsandbytes()
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quantize,
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype or torch.float32,
+    )
 
 
 def build_language_model(

@@ -463,8 +463,8 @@ class LlavaMoLE(nn.Module):
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        # Under FSDP2 the root unit (embeddings, projector, LM head) is gathered by the root's forward hook, which
-        # generation bypasses: gather it here and free it afterwards (decoder layers gather themselves).
+        # Under FSDP2 the root unit (projector, norm; embeddings and LM head unless trained) is gathered by its hook,
+        # which generation bypasses: gather it here and free it afterwards (decoder layers gather themselves).
         sharded_root = isinstance(self, FSDPModule)
         if sharded_root:
             self.unshard()

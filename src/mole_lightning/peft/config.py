@@ -41,7 +41,8 @@ class MoLEConfig:
             variant, per sample over all layers' valid tokens pooled, sum_i f_i * P_i without the K factor,
             averaged over samples.
         balance_coef: weight of the balance loss in the total auxiliary loss (0.01, the Switch Transformer value;
-            must be > 0 with ``gate="none"``, where the balance loss is the router's only training signal).
+            must be > 0 with a gate mode whose coefficient carries no gradient to the router, e.g. ``gate="none"``:
+            the balance loss is then the router's only training signal).
         z_loss_coef: weight of the router z-loss mean(logsumexp(logits)^2) (0 disables it).
         impl: compute path of the routed experts; all give the same result. ``"loop"``: per-expert reference.
             ``"dense_masked"``: all experts' A in one matmul, masked rank-r intermediate, one matmul with stacked B.

@@ -9,7 +9,9 @@ expert's rank-r intermediate. Built-ins:
     none              one_hot(expert)                                      (router learns from the balance loss only)
     soft              probs                                                (dense mixture of all experts)
 
-``dense`` says every expert runs for every token (``coeff`` has no zeros to exploit); ``router_gradient`` says
+``dense`` says every expert runs for every token (``coeff`` has no zeros to exploit); a sparse mode
+(``dense=False``) must keep ``coeff`` zero off each token's chosen expert, because the sparse kernels read only the
+chosen expert's coefficient (``RoutingDecision.chosen_coeff``); ``router_gradient`` says
 whether ``coeff`` carries a gradient to the router (without it the balance loss is the router's only signal, so it
 must be switched on).
 """
@@ -28,7 +30,8 @@ class GateSpec:
     """One gate mode.
 
     Attributes:
-        coefficients: ``(probs (T, K) fp32, expert (T,) int64) -> coeff (T, K)``.
+        coefficients: ``(probs (T, K) fp32, expert (T,) int64) -> coeff (T, K)``; zero off the chosen expert
+            unless ``dense``.
         dense: every expert contributes to every token (the sparse expert kernels are skipped).
         router_gradient: ``coeff`` depends differentiably on ``probs``.
     """

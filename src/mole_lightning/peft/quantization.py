@@ -14,16 +14,14 @@ bitsandbytes is optional (``pip install 'mole_lightning[qlora]'``); it is import
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
-from transformers import BitsAndBytesConfig
-
-QUANTIZE_TYPES: tuple[str, ...] = ("nf4", "fp4")
-"""4-bit data types of ``quantize``: ``"nf4"`` (NormalFloat, QLoRA's) and ``"fp4"``."""
 
 Quantize = Literal["nf4", "fp4"]
+QUANTIZE_TYPES: tuple[str, ...] = get_args(Quantize)
+"""4-bit data types of ``quantize``: ``"nf4"`` (NormalFloat, QLoRA's) and ``"fp4"``."""
 
 NOT_QUANTIZED: tuple[str, ...] = ("lm_head",)
 """Module-name components never quantized by :func:`quantize_linears` (transformers also keeps the output
@@ -37,7 +35,9 @@ def check_quantize(quantize: str | None) -> str | None:
         ValueError: any other value.
     """
     if quantize is not None and quantize not in QUANTIZE_TYPES:
-        raise ValueError(f"quantize must be None, 'nf4' or 'fp4' (a bitsandbytes 4-bit base), got {quantize!r}")
+        raise ValueError(
+            f"quantize must be None or one of {QUANTIZE_TYPES} (a bitsandbytes 4-bit base), got {quantize!r}"
+        )
     return quantize
 
 
@@ -99,19 +99,6 @@ def dequantized_weight(weight: torch.Tensor) -> torch.Tensor:
     return require_bitsandbytes().functional.dequantize_4bit(weight.data, weight.quant_state)
 
 
-def bitsandbytes_config(quantize: str, compute_dtype: torch.dtype | None = None) -> Any:
-    """transformers' ``BitsAndBytesConfig`` for ``from_pretrained(path, quantization_config=...)``: 4-bit
-    ``quantize`` codes with double quantisation, the base matmul in ``compute_dtype`` (``None``: float32)."""
-    check_quantize(quantize)
-    require_bitsandbytes()
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=quantize,
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=compute_dtype or torch.float32,
-    )
-
-
 def quantize_linears(
     model: nn.Module,
     quantize: str = "nf4",
@@ -121,10 +108,10 @@ def quantize_linears(
 ) -> int:
     """Replace every plain ``nn.Linear`` of ``model`` by a frozen 4-bit ``bitsandbytes.nn.Linear4bit``, in place.
 
-    What ``from_pretrained(..., quantization_config=bitsandbytes_config(...))`` does while loading, for a model
-    already built (e.g. from a config): the same codes (double quantisation, blocksize 64), quantized on the
-    weight's device. Layers named like ``skip`` (a module-name component) and the output embeddings stay as they
-    are. Call it on the language model only (the vision tower and projector are never quantized).
+    What ``from_pretrained(..., quantization_config=BitsAndBytesConfig(...))`` (``models.builders``) does while
+    loading, for a model already built (e.g. from a config): the same codes (double quantisation, blocksize 64),
+    quantized on the weight's device. Layers named like ``skip`` (a module-name component) and the output embeddings
+    stay as they are. Call it on the language model only (the vision tower and projector are never quantized).
 
     Returns:
         The number of layers replaced.
@@ -167,7 +154,6 @@ __all__ = [
     "NOT_QUANTIZED",
     "QUANTIZE_TYPES",
     "Quantize",
-    "bitsandbytes_config",
     "check_quantize",
     "dequantized_weight",
     "is_4bit",

@@ -300,7 +300,7 @@ class MoLEFSDPStrategy(FSDPStrategy):
 
 
 def default_strategy(num_devices: int, accelerator: str = "auto") -> str | Any:
-    """``"auto"`` for one device; FSDP2 (:class:`MoLEModelParallelStrategy`) for several when torch supports it."""
+    """``"auto"`` for one device; FSDP2 (:class:`MoLEModelParallelStrategy`, gloo on CPU) for several."""
     if num_devices <= 1:
         return "auto"
     return MoLEModelParallelStrategy(process_group_backend="gloo" if accelerator == "cpu" else None)
