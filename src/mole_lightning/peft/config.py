@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
-from mole_lightning.peft.gates import GATES
+from mole_lightning.peft.gates import gate_spec
 
 BalanceMode = Literal["switch", "pooled"]
 ComputeImpl = Literal["auto", "dense_masked", "grouped", "loop"]
@@ -75,8 +75,7 @@ class MoLEConfig:
             raise ValueError(f"MoLEConfig.alpha must be > 0, got {self.alpha!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"MoLEConfig.dropout must be in [0, 1), got {self.dropout!r}")
-        if self.gate not in GATES:
-            raise ValueError(f"MoLEConfig.gate must be a registered gate mode {sorted(GATES)}, got {self.gate!r}")
+        gate = gate_spec(self.gate)
         if self.balance not in BALANCE_MODES:
             raise ValueError(f"MoLEConfig.balance must be one of {BALANCE_MODES}, got {self.balance!r}")
         if self.impl not in COMPUTE_IMPLS:
@@ -84,7 +83,7 @@ class MoLEConfig:
         for name in ("balance_coef", "z_loss_coef"):
             if getattr(self, name) < 0:
                 raise ValueError(f"MoLEConfig.{name} must be >= 0, got {getattr(self, name)!r}")
-        if not GATES[self.gate].router_gradient and self.num_experts > 1 and self.balance_coef == 0:
+        if not gate.router_gradient and self.num_experts > 1 and self.balance_coef == 0:
             raise ValueError(
                 f"MoLEConfig: gate={self.gate!r} with balance_coef=0 never trains the router (the balance loss is its "
                 "only gradient); set balance_coef > 0 (official: 0.05 with balance='pooled') or use gate='prob'"

@@ -74,4 +74,4 @@ def gate_spec(name: str) -> GateSpec:
     try:
         return GATES[name]
     except KeyError:
-        raise ValueError(f"unknown gate mode {name!r}; registered: {sorted(GATES)}") from None
+        raise ValueError(f"MoLEConfig.gate must be a registered gate mode {sorted(GATES)}, got {name!r}") from None
