@@ -101,14 +101,16 @@ def test_llava_hf_merged_from_llava_hf_folder_matches_transformers(real_folders,
     assert (merged - layer.weight).abs().max() > 1e-2
 
 
-@pytest.mark.parametrize("source", ["llava_hf", "vicuna_clip"])
+@pytest.mark.parametrize("source", ["llava_hf", "vicuna_clip", "llava_hf_mlp_rank"])
 def test_peft_folder_matches_peft_model(source, real_folders, vicuna_clip_lora, tmp_path):
     from transformers import LlavaForConditionalGeneration
 
     from peft import PeftModel
 
-    if source == "llava_hf":  # base known: the folder the model was loaded from
-        model = randomize_adapters(load_llava_hf(real_folders["llava_hf"], mole=MoLEConfig(**LORA)), seed=2)
+    if source.startswith("llava_hf"):  # base known: the folder the model was loaded from
+        # llava_hf_mlp_rank: the parameter-matched dense baseline, MLP adapters at rank 12, attention at 4
+        mole = MoLEConfig(**LORA, mlp_rank=12) if source == "llava_hf_mlp_rank" else MoLEConfig(**LORA)
+        model = randomize_adapters(load_llava_hf(real_folders["llava_hf"], mole=mole), seed=2)
         out = export_model(model, tmp_path / "peft", to="peft")
     else:  # built from an LLM and a tower: the base is written beside the adapter
         model = vicuna_clip_lora
@@ -118,6 +120,8 @@ def test_peft_folder_matches_peft_model(source, real_folders, vicuna_clip_lora, 
     weights = load_file(str(out / "adapter_model.safetensors"))
     a = weights["base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight"]
     assert a.shape == (4, 64)  # (r, in_features)
+    mlp_rank = 12 if source == "llava_hf_mlp_rank" else 4
+    assert weights["base_model.model.model.language_model.layers.0.mlp.up_proj.lora_A.weight"].shape[0] == mlp_rank
     base = LlavaForConditionalGeneration.from_pretrained(config["base_model_name_or_path"], dtype=torch.float32)
     peft_model = PeftModel.from_pretrained(base, out).eval()
     ids = torch.full((1, 600), 5)
@@ -131,6 +135,8 @@ def test_peft_folder_matches_peft_model(source, real_folders, vicuna_clip_lora, 
             plain = peft_model(input_ids=ids, pixel_values=pixels).logits
     torch.testing.assert_close(theirs, ours, **TOL)
     assert (ours - plain).abs().max() > 1e-2
+    loaded = peft_model.base_model.model.model.language_model.layers[0].mlp.up_proj
+    assert loaded.r["default"] == mlp_rank and loaded.scaling["default"] == pytest.approx(2.0)  # alpha/r kept
 
 
 def test_mole_folder_reloads_on_its_llava_hf_base(real_folders, tmp_path):

@@ -83,6 +83,27 @@ def test_k1_is_plain_lora_on_mlp_without_router(tiny_lm):
     assert collect_aux(tiny_lm).total.item() == 0.0
 
 
+@pytest.mark.parametrize("num_experts", [1, 3])
+def test_mlp_rank_sets_the_mlp_adapters_apart_from_attention(tiny_lm, num_experts):
+    """``mlp_rank`` (the parameter-matched dense baseline with K = 1): MLP adapters at their own rank, at the same
+    scale alpha / r unless ``mlp_alpha`` says otherwise; attention untouched; the MLP delta is (alpha'/r') x A B."""
+    config = MoLEConfig(dropout=0.0, num_experts=num_experts, rank=4, alpha=8, mlp_rank=12)
+    assert (config.expert_rank, config.expert_alpha) == (12, 24.0)
+    apply_mole(tiny_lm, config)
+    layer = tiny_lm.model.layers[0]
+    assert layer.self_attn.q_proj.lora_A.shape[-1] == 4 and layer.self_attn.q_proj.scaling == 2.0
+    up = layer.mlp.up_proj
+    assert up.lora_A.shape[-1] == 12 and up.lora_B.shape[-2] == 12 and up.scaling == 2.0
+    if num_experts == 1:  # the delta by hand: x + (24 / 12) x A B
+        with torch.no_grad():
+            up.lora_B.normal_()
+        x = torch.randn(5, up.in_features)
+        expected = x @ up.weight.T + 2.0 * (x @ up.lora_A) @ up.lora_B
+        torch.testing.assert_close(up(x), expected)
+    own = MoLEConfig(num_experts=1, rank=4, alpha=8, mlp_rank=12, mlp_alpha=6.0)
+    assert own.expert_alpha == 6.0 and MoLEConfig(rank=4, alpha=8).expert_rank == 4
+
+
 def test_lm_inside_llava_is_adapted_and_vision_tower_is_not():
     torch.manual_seed(0)
     llava = tiny_llava().eval()
@@ -172,6 +193,8 @@ def test_gradient_checkpointing_gives_same_loss_grads_and_stats(tiny_lm):
         ("impl", "triton", "impl must be one of"),
         ("balance_coef", -0.1, "balance_coef must be >= 0"),
         ("mlp_targets", ["q_proj"], "listed in both"),
+        ("mlp_rank", 0, "mlp_rank must be None or an integer >= 1"),
+        ("mlp_alpha", -2.0, "mlp_alpha must be None or > 0"),
     ],
 )
 def test_config_validation(field, value, message):
@@ -181,7 +204,7 @@ def test_config_validation(field, value, message):
 
 def test_config_defaults_train_what_the_paper_trains():
     config = MoLEConfig()
-    assert config.dropout == 0.05 and config.balance_coef > 0  # the paper's dropout; a router that learns
+    assert config.dropout == 0.05 and config.balance_coef > 0  # the official code's dropout; a router that learns
     with pytest.raises(ValueError, match="gate='none' with balance_coef=0 never trains the router"):
         MoLEConfig(gate="none", balance_coef=0.0)
     MoLEConfig(gate="none", balance="pooled", balance_coef=0.05)  # the official sparse path

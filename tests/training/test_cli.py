@@ -8,6 +8,7 @@ import io
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from mole_lightning.cli import cli_main
@@ -63,21 +64,72 @@ def test_every_trainer_config_is_applied_over_a_recipe(trainer_config, base):
         assert {"devices", "strategy.class_path"} <= changed
 
 
-def test_paper_configs_differ_only_in_the_number_of_experts_and_names():
-    mole = print_config(["fit", "--config", str(CONFIGS / "llava_mole_7b.yaml"), "--print_config"])
-    lora = print_config(["fit", "--config", str(CONFIGS / "llava_lora_7b.yaml"), "--print_config"])
-    assert mole["model"]["mole"]["num_experts"] == 3 and lora["model"]["mole"]["num_experts"] == 1
-    assert mole["model"]["projector_lr"] == lora["model"]["projector_lr"] == 2.0e-5
+def recipe_differences(first: str, second: str) -> dict[str, tuple]:
+    """``{key: (first's value, second's value)}`` of the resolved recipes, run names aside."""
 
-    def comparable(config: dict) -> dict:
-        flat = flatten(config)
-        flat.pop("model.mole.num_experts")
-        flat.pop("trainer.plugins")  # an object, printed with its memory address
-        return {key: str(value).replace("llava_lora_7b", "llava_mole_7b") for key, value in flat.items()}
+    def comparable(recipe: str) -> dict:
+        flat = flatten(print_config(["fit", "--config", str(CONFIGS / recipe), "--print_config"]))
+        flat.pop("trainer.plugins", None)  # an object, printed with its memory address
+        return {key: str(value).replace(Path(recipe).stem, "<run>") for key, value in flat.items()}
 
-    mole_flat, lora_flat = comparable(mole), comparable(lora)
-    assert mole_flat.keys() == lora_flat.keys()
-    assert {key for key in mole_flat if mole_flat[key] != lora_flat[key]} == set()
+    a, b = comparable(first), comparable(second)
+    return {key: (a.get(key), b.get(key)) for key in a.keys() | b.keys() if a.get(key) != b.get(key)}
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "expected"),
+    [
+        ("llava_mole_7b.yaml", "llava_lora_7b.yaml", {"model.mole.num_experts": ("3", "1")}),
+        (  # the paper-faithful recipe and the Switch-style variant: routing only, batching included
+            "llava_mole_official.yaml",
+            "llava_mole_7b.yaml",
+            {
+                "model.mole.gate": ("none", "prob"),
+                "model.mole.balance": ("pooled", "switch"),
+                "model.mole.balance_coef": ("0.05", "0.01"),
+            },
+        ),
+        ("llava_lora_7b.yaml", "llava_dense_7b.yaml", {"model.mole.mlp_rank": ("None", "96")}),
+        (
+            "llava_lora_7b.yaml",
+            "llava_lora_7b_r128.yaml",
+            {"model.mole.rank": ("32", "128"), "model.mole.alpha": ("64.0", "256.0")},
+        ),
+    ],
+)
+def test_baseline_recipes_differ_from_each_other_in_one_knob(first, second, expected):
+    assert recipe_differences(first, second) == expected
+
+
+def test_dense_baseline_trains_as_many_parameters_as_mole_at_7b_shapes():
+    """The parameter-matched dense LoRA (K=1, MLP rank K*r) within 5 % of MoLE K=3, r=32 on vicuna-7b's shapes
+    (d 4096, MLP 11008, 32 layers), both counted against the closed form: attention 4 (d r + r d) per layer, an MLP
+    expert (d r + r f) * 2 + (f r + r d), a router d K + K."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mole_lightning.peft import MoLEConfig, apply_mole
+
+    d, f, layers = 4096, 11008, 32
+
+    def trainable(recipe: str) -> int:
+        mole = print_config(["fit", "--config", str(CONFIGS / recipe), "--print_config"])["model"]["mole"]
+        with torch.device("meta"):
+            llm = LlamaForCausalLM(LlamaConfig(hidden_size=d, intermediate_size=f, num_hidden_layers=layers))
+        apply_mole(llm, MoLEConfig(**mole))
+        return sum(p.numel() for p in llm.parameters() if p.requires_grad)
+
+    def closed_form(rank: int, mlp_rank: int, experts: int) -> int:
+        attention = 4 * 2 * d * rank
+        mlp = experts * 3 * (d + f) * mlp_rank
+        router = (d * experts + experts) if experts > 1 else 0
+        return layers * (attention + mlp + router)
+
+    mole, dense = trainable("llava_mole_official.yaml"), trainable("llava_dense_7b.yaml")
+    assert mole == closed_form(32, 32, 3) == 173_146_208  # paper.md: 173.1M
+    assert dense == closed_form(32, 96, 1)
+    assert abs(dense - mole) / mole < 0.05
+    assert trainable("llava_lora_7b.yaml") == closed_form(32, 32, 1)  # 80.0M
+    assert trainable("llava_lora_7b_r128.yaml") == closed_form(128, 128, 1)  # 319.8M
 
 
 def test_demo_config_instantiates_with_linked_geometry_forced_and_extra_callbacks(tmp_path):

@@ -258,12 +258,16 @@ def peft_config(model: LlavaMoLE, base_model_name_or_path: str) -> dict[str, Any
     language-model projections as ``target_modules`` (the vision tower's ``q_proj`` stay untouched)."""
     config = model.mole_config
     names = sorted(set(config.attn_targets) | set(config.mlp_targets))
+    own_mlp = (config.expert_rank, config.expert_alpha) != (config.rank, config.alpha)
     return {
         "peft_type": "LORA",
         "task_type": None,
         "base_model_name_or_path": base_model_name_or_path,
         "r": config.rank,
         "lora_alpha": config.alpha,
+        # MLP adapters at their own rank (the parameter-matched dense baseline); peft matches keys as name suffixes
+        "rank_pattern": {name: config.expert_rank for name in config.mlp_targets} if own_mlp else {},
+        "alpha_pattern": {name: config.expert_alpha for name in config.mlp_targets} if own_mlp else {},
         "lora_dropout": config.dropout,
         "target_modules": rf"model\.language_model\..*\.({'|'.join(names)})",
         "modules_to_save": ["multi_modal_projector"],

@@ -27,7 +27,13 @@ class MoLEConfig:
         num_experts: K, LoRA experts per MLP projection. ``1`` is plain LoRA on the MLP (no router).
         rank: r, LoRA rank of attention adapters and of every expert.
         alpha: LoRA alpha; adapters are scaled by ``alpha / rank``.
-        dropout: dropout on the adapter input (the base path never sees it); 0.05 as in the paper.
+        mlp_rank: LoRA rank of the MLP adapters (every expert), ``None``: ``rank``. With ``num_experts=1`` and
+            ``mlp_rank = K * rank`` this is the parameter-matched dense baseline of a K-expert MoLE: the same
+            trainable count (less the routers), attention kept at ``rank``, every MLP parameter active per token.
+        mlp_alpha: LoRA alpha of the MLP adapters, ``None``: ``alpha * mlp_rank / rank`` (the same scale
+            ``alpha / rank`` as attention).
+        dropout: dropout on the adapter input (the base path never sees it); 0.05 as in the official code
+            (``moe.py: LoRALayer`` and its PEFT ``LoraConfig``; the paper does not state it).
         attn_targets: names of attention projections that get plain LoRA (matched on the last name component).
         mlp_targets: names of MLP projections that get K experts (matched on the last name component inside a
             module that holds at least one of them).
@@ -54,6 +60,8 @@ class MoLEConfig:
     num_experts: int = 3
     rank: int = 8
     alpha: float = 16.0
+    mlp_rank: int | None = None
+    mlp_alpha: float | None = None
     dropout: float = 0.05
     attn_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     mlp_targets: list[str] = field(default_factory=lambda: ["gate_proj", "up_proj", "down_proj"])
@@ -73,6 +81,10 @@ class MoLEConfig:
             raise ValueError(f"MoLEConfig.rank must be an integer >= 1, got {self.rank!r}")
         if not self.alpha > 0:
             raise ValueError(f"MoLEConfig.alpha must be > 0, got {self.alpha!r}")
+        if self.mlp_rank is not None and (not isinstance(self.mlp_rank, int) or self.mlp_rank < 1):
+            raise ValueError(f"MoLEConfig.mlp_rank must be None or an integer >= 1, got {self.mlp_rank!r}")
+        if self.mlp_alpha is not None and not self.mlp_alpha > 0:
+            raise ValueError(f"MoLEConfig.mlp_alpha must be None or > 0, got {self.mlp_alpha!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"MoLEConfig.dropout must be in [0, 1), got {self.dropout!r}")
         gate = gate_spec(self.gate)
@@ -96,8 +108,18 @@ class MoLEConfig:
 
     @property
     def scaling(self) -> float:
-        """The LoRA scale ``alpha / rank``."""
+        """The LoRA scale ``alpha / rank`` of the attention adapters."""
         return self.alpha / self.rank
+
+    @property
+    def expert_rank(self) -> int:
+        """Rank of the MLP adapters: ``mlp_rank``, else ``rank``."""
+        return self.rank if self.mlp_rank is None else self.mlp_rank
+
+    @property
+    def expert_alpha(self) -> float:
+        """Alpha of the MLP adapters: ``mlp_alpha``, else ``alpha * expert_rank / rank`` (attention's scale)."""
+        return self.alpha * self.expert_rank / self.rank if self.mlp_alpha is None else self.mlp_alpha
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON dictionary; ``MoLEConfig(**cfg.to_dict())`` rebuilds the same config."""

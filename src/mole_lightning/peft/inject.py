@@ -92,12 +92,13 @@ def apply_mole(model: nn.Module, config: MoLEConfig, *, exclude: tuple[str, ...]
         )
 
     lora_kw = {"rank": config.rank, "alpha": config.alpha, "dropout": config.dropout}
+    mlp_kw = {"rank": config.expert_rank, "alpha": config.expert_alpha, "dropout": config.dropout}
     for name, linear in attn_linears:
         _set_submodule(model, name, LoRALinear(linear, **lora_kw))
     for _, mlp, projections in mlps:
         if config.num_experts == 1:
             for child_name, linear in projections.items():
-                setattr(mlp, child_name, LoRALinear(linear, **lora_kw))
+                setattr(mlp, child_name, LoRALinear(linear, **mlp_kw))
             continue
         router = MoLERouter(
             _router_in_features(projections), config, device=adapter_device(next(iter(projections.values())).weight)
@@ -108,7 +109,7 @@ def apply_mole(model: nn.Module, config: MoLEConfig, *, exclude: tuple[str, ...]
             setattr(
                 mlp,
                 child_name,
-                MoLELinear(linear, router, num_experts=config.num_experts, impl=config.impl, **lora_kw),
+                MoLELinear(linear, router, num_experts=config.num_experts, impl=config.impl, **mlp_kw),
             )
     return model
 
