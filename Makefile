@@ -49,6 +49,8 @@ demo: $(STAMP)
 	@cat runs/demo/source_table.md
 	@echo "Per-source generation metrics (runs/demo/gen_eval.txt):"
 	@cat runs/demo/gen_eval.txt
+	@echo "Method x domain table, the paper's layout (more rows: mole-compare NAME=<run>/predictions ... --layout demo):"
+	@$(VENV)/bin/mole-compare MoLE=runs/demo/predictions --layout demo
 
 clean:
 	rm -rf $(VENV) $(LMMS_VENV) build *.egg-info

@@ -1,0 +1,85 @@
+"""Method x benchmark tables (`mole-compare`): runs' predictions scored by the writer's own scorer, cells checked
+against values counted by hand, the installed script run as users run it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mole_lightning.eval.comparison import DEMO_COLUMNS, Column, comparison_table, read_metrics
+from mole_lightning.eval.writer import write_metrics
+
+MOLE_COMPARE = Path(sys.executable).with_name("mole-compare")
+
+
+def write_run(folder: Path, correct: dict[str, int], total: int = 4) -> Path:
+    """A predictions folder as ``mole-train predict`` leaves it: ``predictions.jsonl`` of short answers (task
+    ``vqa``, one reference each) with ``correct[source]`` of ``total`` right per source, and its ``metrics.json``."""
+    folder.mkdir(parents=True)
+    lines = []
+    for source, right in correct.items():
+        for i in range(total):
+            prediction = "red" if i < right else "blue"
+            lines.append({"id": f"{source}-{i}", "source": source, "task": "vqa", "prediction": prediction,
+                          "answers": ["red"]})  # fmt: skip
+    (folder / "predictions.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    write_metrics(str(folder / "predictions.jsonl"), str(folder / "metrics.json"))
+    return folder
+
+
+def test_demo_layout_shows_each_domain_score_and_their_mean_per_run(tmp_path):
+    lora = read_metrics(write_run(tmp_path / "lora", {"general": 4, "doc": 1, "med": 2}))
+    mole = read_metrics(write_run(tmp_path / "mole", {"general": 3, "doc": 3, "med": 4}))
+    table = comparison_table({"LoRA r8": lora, "MoLE": mole}, DEMO_COLUMNS).splitlines()
+    assert table[0] == "| method | general | doc | med | mean |"
+    # by hand: 4/4, 1/4, 2/4 -> 100, 25, 50, mean 58.3; 3/4, 3/4, 4/4 -> 75, 75, 100, mean 83.3
+    assert table[2] == "| LoRA r8 | 100.0 | 25.0 | 50.0 | 58.3 |"
+    assert table[3] == "| MoLE | 75.0 | 75.0 | 100.0 | 83.3 |"
+
+
+def test_missing_values_and_totals(tmp_path):
+    columns = (
+        Column("a", "general", "vqa", "exact_match"),
+        Column("b", "doc", "vqa"),
+        Column("a+b", sum_of=("a", "b")),
+    )
+    both = read_metrics(write_run(tmp_path / "both", {"general": 1, "doc": 2}))
+    one = read_metrics(write_run(tmp_path / "one", {"general": 3}))
+    rows = comparison_table({"both": both, "one": one}, columns, digits=0).splitlines()
+    assert rows[2] == "| both | 25 | 50 | 75 |" and rows[3] == "| one | 75 | - | - |"  # no total from a missing part
+
+
+def test_mole_compare_script_prints_and_writes_the_table(tmp_path):
+    first = write_run(tmp_path / "first", {"general": 2, "doc": 2, "med": 2})
+    second = write_run(tmp_path / "second", {"general": 4, "doc": 0, "med": 4})
+    out = tmp_path / "table.md"
+    args = [f"LoRA={first}", f"MoLE={second / 'predictions.jsonl'}", "--layout", "demo", "--out", str(out)]
+    result = subprocess.run([str(MOLE_COMPARE), *args], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[2:] == [
+        "| LoRA | 50.0 | 50.0 | 50.0 | 50.0 |",
+        "| MoLE | 100.0 | 0.0 | 100.0 | 66.7 |",
+    ]
+    assert out.read_text() == result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["nameless"], "a run is NAME=PATH, got 'nameless'"),
+        (["x=/no/such/run"], "no metrics file at /no/such/run"),
+    ],
+)
+def test_mole_compare_bad_runs_are_one_line_errors_with_exit_2(args, message, tmp_path):
+    result = subprocess.run([str(MOLE_COMPARE), *args], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.strip() == f"mole-compare: {message}"
+
+
+def test_a_file_that_is_not_metrics_is_refused(tmp_path):
+    (tmp_path / "metrics.json").write_text('["not", "metrics"]')
+    with pytest.raises(ValueError, match="is not a metrics.json"):
+        read_metrics(tmp_path)
