@@ -182,7 +182,9 @@ class GenerationEvalCallback(Callback):
         routing_figures: Add routing heatmap figures to TensorBoard (with ``log_routing``).
         print_table: Print the per-source metric table on rank 0 after each evaluation.
         table_path: Also write the latest per-source metric table (with its step) to this text file on rank 0.
-        generation_kwargs: Extra ``generate`` options (e.g. ``{"repetition_penalty": 1.0}``); greedy by default.
+        generation_kwargs: Extra ``generate`` options (e.g. ``{"repetition_penalty": 1.0}``); greedy by default. A
+            batch whose task has a decoding protocol (``TaskSpec.generation``, e.g. ``lvlm_ehub``) uses the task's
+            options, ``max_new_tokens`` included, over these.
         sync_generation: Make every rank run the same number of ``generate`` calls (ranks short of samples repeat
             a batch whose answers are discarded) with ``synced_gpus=True``, as sharded models (FSDP2) need.
             ``None``: on when the model's parameters are sharded (DTensors) in a multi-process run.
