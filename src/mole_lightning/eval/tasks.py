@@ -3,23 +3,22 @@ the metrics kept per source and task (:class:`SourceTaskMetrics`).
 
 Built-in tasks (:data:`TASK_SPECS`; a new one is one :func:`register_task` call):
 
-===================  ===============================  ====================================  ====================
-task                 benchmarks                       metric: primary value                 lmms-eval task
-===================  ===============================  ====================================  ====================
-``vqa``              VQAv2, GQA, TextVQA              ``ShortAnswerAccuracy``:              ``vqav2_val``,
-                                                      ``vqa_accuracy``                      ``gqa``, ``textvqa``
-``mc``               MMBench, ScienceQA, SEED         ``MultipleChoiceAccuracy``:           ``mmbench_en``, ...
-                                                      ``accuracy``
+===================  ===============================  ====================================  ======================
+task                 benchmarks                       metric: primary value                 lmms-eval task instead
+===================  ===============================  ====================================  ======================
+``vqa``              VQAv2, GQA, TextVQA              ``ShortAnswerAccuracy``:              ``vqav2_val``, ``gqa``,
+                                                      ``vqa_accuracy``                      ``textvqa_val``
+``mc``               MMBench, ScienceQA, SEED         ``MultipleChoiceAccuracy``:           ``mmbench_en_dev``,
+                                                      ``accuracy``                          ``scienceqa_img``
 ``yesno``            POPE, MME                        ``YesNoMetrics``: ``accuracy``        ``pope``, ``mme``
 ``open``             free-form answers                ``OpenEndedF1``: ``f1``               --
 ``relaxed``          ChartQA                          ``RelaxedAccuracy``:                  ``chartqa``
                                                       ``relaxed_accuracy``                  (``relaxed_overall``)
-``anls``             DocVQA (InfographicVQA)          ``ANLS``: ``anls``                    ``docvqa_val``
-                                                                                            (``anls``)
+``anls``             DocVQA, InfographicVQA           ``ANLS``: ``anls``                    ``docvqa_val`` (``anls``)
 ``pathvqa_closed``   PathVQA yes/no (LLaVA-Med)       ``LlavaMedClosed``: ``accuracy``      none
 ``pathvqa_open``     PathVQA open (LLaVA-Med)         ``LlavaMedOpen``: ``recall``          none
 ``lvlm_ehub``        Tiny LVLM-eHub                   ``WordMatchAccuracy``: ``accuracy``   none
-===================  ===============================  ====================================  ====================
+===================  ===============================  ====================================  ======================
 
 The paper's tasks (the last five, :mod:`mole_lightning.eval.paper_metrics`) are never inferred: give samples their
 ``task``. ``relaxed`` and ``anls`` are asked with LLaVA-1.5's short-answer suffix (as LLaVA-1.5 and lmms-eval ask
@@ -83,7 +82,8 @@ tokens."""
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """An eval task: everything the package needs to score it, in one place.
+    """An eval task: everything the package needs to score it, in one place (the built-in tasks, and the lmms-eval
+    task to run instead of each, are in the table of :mod:`mole_lightning.eval.tasks`).
 
     Attributes:
         name: The ``task`` value of samples (``"vqa"``...).
