@@ -377,6 +377,22 @@ def test_lvlm_ehub_prompt_and_decoding():
     assert apply_eval_prompt("Is it benign? ", "pathvqa_closed") == "Is it benign?"
 
 
+def test_question_records_of_the_paper_tasks_carry_their_prompts():
+    from mole_lightning.eval import question_records
+
+    questions = [
+        {"question_id": 1, "image": "a.png", "text": "<image>\nWhat is shown?", "answer": "a cat", "task": "lvlm_ehub"},
+        {"question_id": 2, "image": "b.png", "text": "Highest value?", "answer": "45", "task": "relaxed"},
+        {"question_id": 3, "image": "c.png", "text": "Is this benign?", "answer": "no", "task": "pathvqa_closed"},
+    ]
+    records = list(question_records(questions, source="bench"))
+    assert [r["task"] for r in records] == ["lvlm_ehub", "relaxed", "pathvqa_closed"]
+    prompts = [r["conversations"][0]["value"] for r in records]
+    assert prompts[0] == f"<image>\n{LVLM_EHUB_PREFIX}What is shown?"
+    assert prompts[1] == "<image>\nHighest value?\nAnswer the question using a single word or phrase."
+    assert prompts[2] == "<image>\nIs this benign?"
+
+
 def test_callback_decodes_each_task_with_its_protocol():
     tokenizer = tiny_tokenizer()
 

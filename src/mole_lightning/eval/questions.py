@@ -13,8 +13,9 @@ texts, or a dict ``{"A": ..., "B": ...}``), ``task`` and ``category`` (kept). Re
 separate file (``answers_file``: records with ``question_id`` and one of the reference fields).
 
 Each question becomes ``{"id", "image", "source", "conversations": [human: "<image>\\n" + prompt (, gpt: first
-answer)], "answers", "task", "options"?, "category"?}`` where the prompt is the question with LLaVA-1.5's task
-suffix (:func:`~mole_lightning.eval.tasks.apply_eval_prompt`; suffixes already in the text are kept once). The
+answer)], "answers", "task", "options"?, "category"?}`` where the prompt is the question with its task's prompt
+(:func:`~mole_lightning.eval.tasks.apply_eval_prompt`: LLaVA-1.5's suffix, or Tiny LVLM-eHub's prefix for
+``lvlm_ehub``; text already in the question is kept once). The
 task is the record's ``task``, else the ``task`` argument, else inferred: ``mc`` with options or when the text asks
 for an option's letter, ``yesno`` when every reference is yes/no, ``vqa`` otherwise.
 """
