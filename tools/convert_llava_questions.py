@@ -17,8 +17,8 @@ import argparse
 import json
 import sys
 
-from mole_lightning.eval.metrics import task_names
 from mole_lightning.eval.questions import convert_question_file
+from mole_lightning.eval.tasks import task_names
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from mole_lightning.eval.metrics import SourceTaskMetrics
+from mole_lightning.eval.tasks import SourceTaskMetrics
 
 
 def _free_port() -> int:

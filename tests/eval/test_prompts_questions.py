@@ -9,8 +9,9 @@ import pytest
 from PIL import Image
 
 from mole_lightning.data import MixedInstructionDataModule
-from mole_lightning.eval.prompts import MULTIPLE_CHOICE_PROMPT, SHORT_ANSWER_PROMPT, apply_eval_prompt
+from mole_lightning.eval.prompts import MULTIPLE_CHOICE_PROMPT, SHORT_ANSWER_PROMPT
 from mole_lightning.eval.questions import convert_question_file, question_records
+from mole_lightning.eval.tasks import apply_eval_prompt
 
 
 def test_prompt_suffixes():

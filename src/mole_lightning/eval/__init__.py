@@ -4,11 +4,14 @@ prediction writer, a converter for LLaVA-1.5 question files, and routing analysi
 Public API:
 
 * :class:`ShortAnswerAccuracy`, :class:`MultipleChoiceAccuracy`, :class:`YesNoMetrics`, :class:`OpenEndedF1` --
-  ``torchmetrics`` metrics per task type (``vqa``, ``mc``, ``yesno``, ``open``); :class:`SourceTaskMetrics` keeps
-  them per source and task; :class:`TaskSpec` / :func:`register_task` -- the task registry (metric, primary value,
-  sample score, prompt suffix, inference from a record).
+  ``torchmetrics`` metrics per task type (``vqa``, ``mc``, ``yesno``, ``open``; ``eval.metrics``).
+* :class:`RelaxedAccuracy` (ChartQA), :class:`ANLS` (DocVQA), :class:`LlavaMedClosed` / :class:`LlavaMedOpen`
+  (PathVQA), :class:`WordMatchAccuracy` (Tiny LVLM-eHub) -- the paper's benchmark scorers (``eval.paper_metrics``).
+* :class:`TaskSpec` / :func:`register_task` -- the task registry (metric, primary value, sample score, prompt,
+  decoding, inference from a record); :class:`SourceTaskMetrics` keeps the metrics per source and task
+  (``eval.tasks``).
 * :func:`normalize_answer`, :func:`pope_yes_no`, :func:`extract_choice` -- answer processing.
-* :func:`apply_eval_prompt` -- LLaVA-1.5 prompt suffix by task.
+* :func:`apply_eval_prompt` -- the question as a task asks it (LLaVA-1.5 suffix, Tiny LVLM-eHub prefix).
 * :class:`GenerationEvalCallback` -- greedy generation on validation samples per source, logged metrics.
 * :class:`JsonlPredictionWriter` -- ``trainer.predict`` outputs as JSONL.
 * :func:`convert_question_file` -- LLaVA-1.5 question JSONL → webdataset shards.
@@ -17,25 +20,32 @@ Public API:
 
 from mole_lightning.eval.callback import GenerationEvalCallback, examples_table, generate_answers, metric_table
 from mole_lightning.eval.metrics import (
-    TASK_SPECS,
     MultipleChoiceAccuracy,
     OpenEndedF1,
     ScoreMean,
     ShortAnswerAccuracy,
-    SourceTaskMetrics,
-    TaskSpec,
     YesNoMetrics,
-    infer_task,
     open_ended_scores,
-    register_task,
-    sample_score,
     short_answer_scores,
-    task_names,
-    task_spec,
     token_f1,
 )
-from mole_lightning.eval.normalize import extract_choice, normalize_answer, pope_yes_no
-from mole_lightning.eval.prompts import MULTIPLE_CHOICE_PROMPT, SHORT_ANSWER_PROMPT, apply_eval_prompt
+from mole_lightning.eval.normalize import extract_choice, llava_med_normalize, normalize_answer, pope_yes_no
+from mole_lightning.eval.paper_metrics import (
+    ANLS,
+    LlavaMedClosed,
+    LlavaMedOpen,
+    RelaxedAccuracy,
+    WordMatchAccuracy,
+    anls_score,
+    levenshtein,
+    llava_med_closed,
+    llava_med_open,
+    llava_med_open_scores,
+    relaxed_accuracy,
+    relaxed_correctness,
+    word_match,
+)
+from mole_lightning.eval.prompts import LVLM_EHUB_PREFIX, MULTIPLE_CHOICE_PROMPT, SHORT_ANSWER_PROMPT
 from mole_lightning.eval.questions import convert_question_file, question_records
 from mole_lightning.eval.routing_analysis import (
     RoutingAccumulator,
@@ -44,9 +54,39 @@ from mole_lightning.eval.routing_analysis import (
     mutual_information,
     plot_routing_heatmaps,
 )
+from mole_lightning.eval.tasks import (
+    TASK_SPECS,
+    SourceTaskMetrics,
+    TaskSpec,
+    apply_eval_prompt,
+    infer_task,
+    make_task_metric,
+    register_task,
+    sample_score,
+    task_generation_kwargs,
+    task_names,
+    task_spec,
+)
 from mole_lightning.eval.writer import JsonlPredictionWriter, score_jsonl
 
 __all__ = [
+    "ANLS",
+    "LVLM_EHUB_PREFIX",
+    "LlavaMedClosed",
+    "LlavaMedOpen",
+    "RelaxedAccuracy",
+    "WordMatchAccuracy",
+    "anls_score",
+    "levenshtein",
+    "llava_med_closed",
+    "llava_med_normalize",
+    "llava_med_open",
+    "llava_med_open_scores",
+    "make_task_metric",
+    "relaxed_accuracy",
+    "relaxed_correctness",
+    "task_generation_kwargs",
+    "word_match",
     "MULTIPLE_CHOICE_PROMPT",
     "SHORT_ANSWER_PROMPT",
     "TASK_SPECS",

@@ -4,7 +4,7 @@ Every ``every_n_steps`` optimizer steps, at the end of training, and in ``traine
 callback takes at most ``max_samples_per_source`` samples of each validation source from
 ``trainer.datamodule.generation_dataloaders()`` (prompt-only, left-padded batches with ``answers`` and ``task``),
 generates answers greedily with ``pl_module.model.generate`` and scores them with
-:class:`~mole_lightning.eval.metrics.SourceTaskMetrics` (synchronized across ranks). It logs, under ``prefix``:
+:class:`~mole_lightning.eval.tasks.SourceTaskMetrics` (synchronized across ranks). It logs, under ``prefix``:
 
 * scalars ``<prefix>/<source>/<task>/<metric>``, ``<prefix>/<source>/score``, ``<prefix>/overall/...`` and
   ``<prefix>/best/<monitor>``; they are also put into ``trainer.callback_metrics`` so a ``ModelCheckpoint`` placed
@@ -30,8 +30,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-from mole_lightning.eval.metrics import SourceTaskMetrics, task_names, task_spec
 from mole_lightning.eval.routing_analysis import RoutingAccumulator, RoutingCounts, log_routing_to_tensorboard
+from mole_lightning.eval.tasks import SourceTaskMetrics, task_generation_kwargs, task_names, task_spec
 
 
 def take_rows(batch: dict[str, Any], count: int) -> dict[str, Any]:
@@ -182,7 +182,9 @@ class GenerationEvalCallback(Callback):
         routing_figures: Add routing heatmap figures to TensorBoard (with ``log_routing``).
         print_table: Print the per-source metric table on rank 0 after each evaluation.
         table_path: Also write the latest per-source metric table (with its step) to this text file on rank 0.
-        generation_kwargs: Extra ``generate`` options (e.g. ``{"repetition_penalty": 1.0}``); greedy by default.
+        generation_kwargs: Extra ``generate`` options (e.g. ``{"repetition_penalty": 1.0}``); greedy by default. A
+            batch whose task has a decoding protocol (``TaskSpec.generation``, e.g. ``lvlm_ehub``) uses the task's
+            options, ``max_new_tokens`` included, over these.
         sync_generation: Make every rank run the same number of ``generate`` calls (ranks short of samples repeat
             a batch whose answers are discarded) with ``synced_gpus=True``, as sharded models (FSDP2) need.
             ``None``: on when the model's parameters are sharded (DTensors) in a multi-process run.
@@ -326,10 +328,11 @@ class GenerationEvalCallback(Callback):
                                 accumulator.set_batch(source, mask)
                             else:
                                 accumulator.pause()
+                        # the task's decoding protocol (TaskSpec.generation) over the callback's options
+                        kwargs = {**generation_kwargs, **task_generation_kwargs(batch.get("task") or ())}
+                        max_new_tokens = kwargs.pop("max_new_tokens", self.max_new_tokens)
                         with trainer.precision_plugin.predict_step_context():
-                            predictions = generate_answers(
-                                model, batch, tokenizer, self.max_new_tokens, **generation_kwargs
-                            )
+                            predictions = generate_answers(model, batch, tokenizer, max_new_tokens, **kwargs)
                         if not real:  # a filler call that keeps the ranks in step; nothing is scored
                             continue
                         tasks = list(batch.get("task") or [None] * len(predictions))

@@ -10,6 +10,7 @@
   ``yes``).
 * :func:`extract_choice` finds the option letter in a multiple-choice answer (``"A"``, ``"(A)"``, ``"A."``,
   ``"The answer is A"``, ``"Answer: (B)"``, or the text of an option).
+* :func:`llava_med_normalize` is LLaVA-Med's variant of :func:`normalize_answer` (PathVQA scoring).
 * :func:`answer_tokens` gives the normalized tokens used by the open-ended token F1.
 """
 
@@ -159,12 +160,15 @@ NUMBER_WORDS: dict[str, str] = {
 ARTICLES = frozenset({"a", "an", "the"})
 PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!")
 _PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
+_PERIOD_STRIP_COUNT = int(re.UNICODE)
+"""The VQA evaluation passes ``re.UNICODE`` (32) as ``periodStrip.sub``'s *count*: at most 32 periods are removed.
+LLaVA-Med's ``normalize_word`` and Multi-Modality-Arena's ``VQAEval`` copy that call, so the limit is kept."""
 _COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
 
 
 def _process_punctuation(text: str) -> str:
     """VQA punctuation rule: a mark next to a space (or any text with a digit-comma-digit) is deleted, otherwise it
-    becomes a space (``"black/white"`` -> ``"black white"``); periods go unless followed by a digit."""
+    becomes a space (``"black/white"`` -> ``"black white"``); periods go unless followed by a digit (the first 32)."""
     out = text
     delete = _COMMA_STRIP.search(text) is not None
     for mark in PUNCTUATION:
@@ -172,7 +176,7 @@ def _process_punctuation(text: str) -> str:
             out = out.replace(mark, "")
         else:
             out = out.replace(mark, " ")
-    return _PERIOD_STRIP.sub("", out)
+    return _PERIOD_STRIP.sub("", out, count=_PERIOD_STRIP_COUNT)
 
 
 def _process_digits_articles(text: str) -> str:
@@ -200,6 +204,19 @@ def normalize_answer(text: str | None) -> str:
         return ""
     text = text.replace("\n", " ").replace("\t", " ").strip().lower()
     return _process_digits_articles(_process_punctuation(text))
+
+
+def llava_med_normalize(text: str | None) -> str:
+    """LLaVA-Med's answer normalization (``llava/eval/eval_metrics/glossary.py: normalize_word``, applied after
+    ``.lower()`` in ``run_eval.py``): the VQA punctuation, number-word, article and contraction rules of
+    :func:`normalize_answer`, then every comma removed. Unlike :func:`normalize_answer`, newlines and tabs are not
+    turned into spaces before the punctuation rule (they still separate words).
+
+    Example: ``"Yes, it is."`` -> ``"yes it is"``; ``"1,000 cells"`` -> ``"1000 cells"``.
+    """
+    if not text:
+        return ""
+    return _process_digits_articles(_process_punctuation(text.lower())).replace(",", "")
 
 
 def answer_tokens(text: str | None) -> list[str]:

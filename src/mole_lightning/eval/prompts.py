@@ -1,4 +1,5 @@
-"""LLaVA-1.5 evaluation prompts, applied by task.
+"""Evaluation prompt texts and their layout (which task gets which text is the task registry's:
+:func:`~mole_lightning.eval.tasks.apply_eval_prompt`).
 
 LLaVA-1.5 (``docs/Evaluation.md``, ``model_vqa_loader.py``, ``model_vqa_mmbench.py``) asks benchmark questions as
 ``<image>\\n`` + question + a task suffix:
@@ -9,7 +10,8 @@ LLaVA-1.5 (``docs/Evaluation.md``, ``model_vqa_loader.py``, ``model_vqa_mmbench.
   option's letter from the given choices directly."`` -- task ``mc``;
 * open-ended questions (``open``) are asked as they are.
 
-Suffixes and option lines already present in the question are not added twice.
+Tiny LVLM-eHub (task ``lvlm_ehub``) puts :data:`LVLM_EHUB_PREFIX` before the question instead. Prefixes, suffixes and
+option lines already present in the question are not added twice.
 """
 
 from __future__ import annotations
@@ -24,6 +26,10 @@ UNANSWERABLE_PROMPT = "When the provided information is insufficient, respond wi
 LLaVA-1.5's VizWiz questions end with ``"\\nWhen the provided information is insufficient, respond with
 'Unanswerable'.\\nAnswer the question using a single word or phrase."``.
 """
+
+LVLM_EHUB_PREFIX = "Analyze the image and provide brief and accurate answer to the question in Engligh. "
+"""The instruction LLaVA-MoLE's Tiny LVLM-eHub tester puts before every question (``llava_mole_infer.py``; the
+spelling "Engligh" is the source's and is kept, since the prompt is part of the benchmark protocol)."""
 
 OPTION_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
@@ -40,31 +46,34 @@ def _has_options(question: str, options: Sequence[str]) -> bool:
     return all(f"{letter}. {option}".strip() in lines for letter, option in zip(OPTION_LETTERS, options))
 
 
-def apply_eval_prompt(
-    question: str, task: str | None, options: Sequence[str] | None = None, *, unanswerable: bool = False
+def compose_prompt(
+    question: str,
+    *,
+    suffix: str | None = None,
+    prefix: str | None = None,
+    options: Sequence[str] | None = None,
+    unanswerable: bool = False,
 ) -> str:
-    """The question as LLaVA-1.5 asks it for ``task``.
+    """``prefix`` + question (+ option lines) + ``"\\n"`` + ``suffix``, each part added only when not already there.
+
+    The task registry (:func:`~mole_lightning.eval.tasks.apply_eval_prompt`) chooses the parts of a task; this
+    function only lays them out.
 
     Args:
-        question: Question text (without the ``<image>`` placeholder).
-        task: A registered task (``vqa``, ``yesno``, ``mc``, ``open``...; its ``TaskSpec.prompt``) or ``None``
-            (unchanged).
-        options: Option texts of a multiple-choice question; added as lettered lines unless already there.
-        unanswerable: Add VizWiz's "respond with 'Unanswerable'" instruction (short-answer tasks).
+        question: Question text (without the ``<image>`` placeholder); trailing whitespace is dropped.
+        suffix: Instruction on its own last line (``None``: none).
+        prefix: Text put before the question (``None``: none), e.g. Tiny LVLM-eHub's instruction.
+        options: Option texts of a multiple-choice question, added as ``"A. ..."`` lines unless already there.
+        unanswerable: Put VizWiz's :data:`UNANSWERABLE_PROMPT` on its own line before :data:`SHORT_ANSWER_PROMPT`.
 
     Returns:
         The prompt text, e.g. ``"What color is it?\\nAnswer the question using a single word or phrase."``.
-
-    Raises:
-        ValueError: For an unknown task.
     """
-    from mole_lightning.eval.metrics import task_spec  # the task registry imports this module's prompt strings
-
-    spec = task_spec(task) if task is not None else None
-    suffix = spec.prompt if spec is not None else None
     text = question.rstrip()
-    if spec is not None and spec.takes_options and options and not _has_options(text, options):
+    if options and not _has_options(text, options):
         text = f"{text}\n{format_options(options)}"
+    if prefix and not text.startswith(prefix):
+        text = f"{prefix}{text}"
     if suffix is None or text.endswith(suffix):
         return text
     if unanswerable and suffix == SHORT_ANSWER_PROMPT and UNANSWERABLE_PROMPT not in text:

@@ -13,8 +13,9 @@ texts, or a dict ``{"A": ..., "B": ...}``), ``task`` and ``category`` (kept). Re
 separate file (``answers_file``: records with ``question_id`` and one of the reference fields).
 
 Each question becomes ``{"id", "image", "source", "conversations": [human: "<image>\\n" + prompt (, gpt: first
-answer)], "answers", "task", "options"?, "category"?}`` where the prompt is the question with LLaVA-1.5's task
-suffix (:func:`~mole_lightning.eval.prompts.apply_eval_prompt`; suffixes already in the text are kept once). The
+answer)], "answers", "task", "options"?, "category"?}`` where the prompt is the question with its task's prompt
+(:func:`~mole_lightning.eval.tasks.apply_eval_prompt`: LLaVA-1.5's suffix, or Tiny LVLM-eHub's prefix for
+``lvlm_ehub``; text already in the question is kept once). The
 task is the record's ``task``, else the ``task`` argument, else inferred: ``mc`` with options or when the text asks
 for an option's letter, ``yesno`` when every reference is yes/no, ``vqa`` otherwise.
 """
@@ -29,8 +30,8 @@ from typing import Any
 from mole_lightning.constants import DEFAULT_IMAGE_TOKEN
 from mole_lightning.data.llava_json import ConversionReport
 from mole_lightning.data.shard_writer import ShardWriter, image_field
-from mole_lightning.eval.metrics import infer_task, task_names
-from mole_lightning.eval.prompts import SHORT_ANSWER_PROMPT, apply_eval_prompt
+from mole_lightning.eval.prompts import SHORT_ANSWER_PROMPT
+from mole_lightning.eval.tasks import apply_eval_prompt, infer_task, task_names
 
 REFERENCE_FIELDS = ("answers", "answer", "label", "gt_answer")
 

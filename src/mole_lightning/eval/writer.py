@@ -5,7 +5,7 @@ answer(s); an extra ``answers`` list, when present, is written too and used for 
 of ``<output_dir>/predictions.jsonl``. With several ranks every rank writes its own file
 (``predictions.rank0.jsonl``, ...), and rank 0 merges them into ``predictions.jsonl`` at the end when ``merge`` is
 set. With ``score`` set, each line also gets ``task`` (when known) and ``score`` (the sample score of
-:mod:`mole_lightning.eval.metrics`), and per-source metrics of the file are written next to it as ``metrics.json``.
+:mod:`mole_lightning.eval.tasks`), and per-source metrics of the file are written next to it as ``metrics.json``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from mole_lightning.eval.metrics import SourceTaskMetrics, infer_task, sample_score
+from mole_lightning.eval.tasks import SourceTaskMetrics, infer_task, sample_score
 
 FIELDS = ("id", "source", "question", "answer", "prediction")
 
@@ -157,7 +157,7 @@ def merge_jsonl(paths: Sequence[str], out_path: str) -> int:
 
 
 def score_jsonl(path: str, vqa_leave_one_out: bool = False) -> dict[str, float]:
-    """Per-source metrics (:class:`~mole_lightning.eval.metrics.SourceTaskMetrics` keys) of a predictions file;
+    """Per-source metrics (:class:`~mole_lightning.eval.tasks.SourceTaskMetrics` keys) of a predictions file;
     ``vqa_leave_one_out`` scores short answers with the official VQAv2 leave-one-out average."""
     metrics = SourceTaskMetrics(sync=False, vqa_leave_one_out=vqa_leave_one_out)
     with open(path, encoding="utf-8") as handle:
