@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from mole_lightning.eval.comparison import DEMO_COLUMNS, Column, comparison_table, read_metrics
+from mole_lightning.eval.comparison import DEMO_COLUMNS, PAPER_COLUMNS, Column, comparison_table, read_metrics
 from mole_lightning.eval.writer import write_metrics
 
 MOLE_COMPARE = Path(sys.executable).with_name("mole-compare")
@@ -83,3 +83,38 @@ def test_a_file_that_is_not_metrics_is_refused(tmp_path):
     (tmp_path / "metrics.json").write_text('["not", "metrics"]')
     with pytest.raises(ValueError, match="is not a metrics.json"):
         read_metrics(tmp_path)
+
+
+def test_paper_layout_reads_each_benchmark_with_its_own_metric(tmp_path):
+    """Predictions of every paper benchmark, scored by the registered tasks; each cell counted by hand with the
+    benchmark's rule: Tiny LVLM-eHub word match, ChartQA 5 % relaxed accuracy, DocVQA ANLS, PathVQA open recall
+    and closed yes/no accuracy."""
+    rows = []
+    for source in ("lvlm_vp", "lvlm_vka", "lvlm_vr", "lvlm_vc", "lvlm_oh"):
+        rows += [  # one of two right in each category: 50 each, 250 in all
+            {"source": source, "task": "lvlm_ehub", "prediction": "It is a red car.", "answers": ["red"]},
+            {"source": source, "task": "lvlm_ehub", "prediction": "blue", "answers": ["red"]},
+        ]
+    rows += [  # 104 is within 5 % of 100, 106 is not: 50
+        {"source": "chartqa", "task": "relaxed", "prediction": "104", "answers": ["100"]},
+        {"source": "chartqa", "task": "relaxed", "prediction": "106", "answers": ["100"]},
+    ]
+    # ANLS: "invoice" vs "invoices" is 1 - 1/8 = 0.875; "total" vs "date" is above the 0.5 threshold: 0 -> 43.75
+    rows += [
+        {"source": "docvqa", "task": "anls", "prediction": "invoice", "answers": ["invoices"]},
+        {"source": "docvqa", "task": "anls", "prediction": "total", "answers": ["date"]},
+    ]
+    rows += [  # open: recall of the answer's words, 2 of 2 and 1 of 2 -> 75; closed: 1 of 2 -> 50
+        {"source": "pathvqa", "task": "pathvqa_open", "prediction": "smooth muscle", "answers": ["smooth muscle"]},
+        {"source": "pathvqa", "task": "pathvqa_open", "prediction": "muscle cells", "answers": ["skeletal muscle"]},
+        {"source": "pathvqa", "task": "pathvqa_closed", "prediction": "yes", "answers": ["yes"]},
+        {"source": "pathvqa", "task": "pathvqa_closed", "prediction": "no", "answers": ["yes"]},
+    ]
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "predictions.jsonl").write_text("".join(json.dumps({"id": i, **r}) + "\n" for i, r in enumerate(rows)))
+    table = comparison_table({"MoLE": read_metrics(folder / "predictions.jsonl")}, PAPER_COLUMNS).splitlines()
+    assert table[0] == (
+        "| method | VP | VKA | VR | VC | OH | LVLM-eHub | ChartQA | DocVQA | PathVQA open | PathVQA closed |"
+    )
+    assert table[2] == "| MoLE | 50.0 | 50.0 | 50.0 | 50.0 | 50.0 | 250.0 | 50.0 | 43.8 | 75.0 | 50.0 |"

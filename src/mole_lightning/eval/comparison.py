@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from mole_lightning.eval.metrics import task_spec
+from mole_lightning.eval.tasks import task_spec
 from mole_lightning.eval.writer import score_jsonl
 
 
