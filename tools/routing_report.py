@@ -43,9 +43,9 @@ from typing import Any
 import torch
 
 from mole_lightning.data import MixedInstructionDataModule
-from mole_lightning.eval.callback import take_rows
 from mole_lightning.eval.routing_analysis import SELECTIONS, RoutingAccumulator
 from mole_lightning.eval.routing_page import heatmap_pngs, render_routing_page, sample_routing
+from mole_lightning.generation import take_rows
 from mole_lightning.models import build_preset, load_adapters
 from mole_lightning.training import MoLELightningModule
 from mole_lightning.training.export import TRAINING_CONFIG_NAME

@@ -36,7 +36,7 @@ from mole_lightning.data.collate import pad_token_id_of
 from mole_lightning.data.pipeline import make_collator
 from mole_lightning.data.samples import SampleEncoder
 from mole_lightning.data.templates import BadSampleError
-from mole_lightning.eval.callback import generate_answers
+from mole_lightning.generation import generate_answers
 from mole_lightning.models import load_adapters, load_llava_hf
 from mole_lightning.models.loading import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
 from mole_lightning.peft import iter_routers

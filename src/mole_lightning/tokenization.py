@@ -12,8 +12,9 @@ import os
 from functools import lru_cache
 from typing import Any
 
-from tokenizers import AddedToken
-from transformers import AutoTokenizer
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+from torch import nn
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from mole_lightning.constants import DEFAULT_IMAGE_TOKEN
 
@@ -82,3 +83,42 @@ def load_tokenizer(path: str, image_token: str = DEFAULT_IMAGE_TOKEN, trust_remo
         cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(f"cannot load a tokenizer from {path!r} (files: {found}): {cause}") from error
     return prepare_tokenizer(tokenizer, image_token)
+
+
+TINY_SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")
+
+
+def tiny_tokenizer(*, image_token: str = DEFAULT_IMAGE_TOKEN) -> Any:
+    """A byte-level tokenizer without merges (every UTF-8 byte is a token) plus ``<unk> <s> </s> <pad>``.
+
+    Encodes any text losslessly with a 260-token vocabulary (+ ``<image>``); for tiny random models and tests. Like
+    Llama's, it puts ``<s>`` in front when called with ``add_special_tokens=True``.
+    """
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {tok: i for i, tok in enumerate(TINY_SPECIAL_TOKENS)}
+    vocab.update({ch: len(TINY_SPECIAL_TOKENS) + i for i, ch in enumerate(alphabet)})
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+    add_image_token(tokenizer, image_token)
+    return tokenizer
+
+
+def resize_embeddings(language_model: nn.Module, tokenizer: Any, *, pad_to_multiple_of: int | None = None) -> int:
+    """Grow the LM embeddings (input and output) to cover the tokenizer, only when needed.
+
+    New rows are initialised to the mean of the old ones (transformers' ``mean_resizing``).
+
+    Returns:
+        The number of rows before resizing (first new row), equal to the current size when nothing changed.
+    """
+    old = language_model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > old:
+        language_model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=pad_to_multiple_of)
+    return old

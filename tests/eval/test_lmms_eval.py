@@ -18,8 +18,8 @@ pytest.importorskip("lmms_eval")
 from mole_lightning.data import make_demo_data  # noqa: E402
 from mole_lightning.data.pipeline import SkipCounter, read_shard  # noqa: E402
 from mole_lightning.eval import ShortAnswerAccuracy  # noqa: E402
-from mole_lightning.eval.lmms_eval_model import cut_at_stops  # noqa: E402
 from mole_lightning.inference import load_from_config  # noqa: E402
+from mole_lightning.integrations.lmms_eval import cut_at_stops  # noqa: E402
 from tests.inference_helpers import write_checkpoint, write_recipe  # noqa: E402
 
 TASK_DIR = Path(__file__).parent / "lmms_task"

@@ -18,7 +18,7 @@ Public API:
 * :class:`RoutingAccumulator`, :class:`RoutingCounts`, :func:`mutual_information` -- routing analysis.
 """
 
-from mole_lightning.eval.callback import GenerationEvalCallback, examples_table, generate_answers, metric_table
+from mole_lightning.eval.callback import GenerationEvalCallback, examples_table, metric_table
 from mole_lightning.eval.metrics import (
     MultipleChoiceAccuracy,
     OpenEndedF1,
@@ -68,6 +68,7 @@ from mole_lightning.eval.tasks import (
     task_spec,
 )
 from mole_lightning.eval.writer import JsonlPredictionWriter, score_jsonl
+from mole_lightning.generation import generate_answers  # re-exported: its home is mole_lightning.generation
 
 __all__ = [
     "ANLS",

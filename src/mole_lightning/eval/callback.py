@@ -32,27 +32,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from mole_lightning.eval.routing_analysis import RoutingAccumulator, RoutingCounts, log_routing_to_tensorboard
 from mole_lightning.eval.tasks import SourceTaskMetrics, task_generation_kwargs, task_names, task_spec
-
-
-def take_rows(batch: dict[str, Any], count: int) -> dict[str, Any]:
-    """The first ``count`` samples of a collated batch (``pixel_values`` keeps the images of those samples only)."""
-    size = len(batch["input_ids"])
-    if count >= size:
-        return batch
-    out: dict[str, Any] = {}
-    has_image = batch.get("has_image")
-    for key, value in batch.items():
-        if key == "pixel_values":
-            if value is None or has_image is None:
-                out[key] = value
-            else:
-                images = int(has_image[:count].sum())
-                out[key] = value[:images] if images else None
-        elif isinstance(value, (torch.Tensor, list, tuple)) and len(value) == size:
-            out[key] = value[:count]
-        else:
-            out[key] = value
-    return out
+from mole_lightning.generation import generate_answers, take_rows
 
 
 def resolve_model(pl_module: pl.LightningModule) -> Any:
@@ -65,53 +45,6 @@ def resolve_model(pl_module: pl.LightningModule) -> Any:
     raise AttributeError(
         "GenerationEvalCallback needs `pl_module.model.generate` (a LlavaMoLE) or `pl_module.generate`"
     )
-
-
-@torch.no_grad()
-def generate_answers(
-    model: Any, batch: dict[str, Any], tokenizer: Any, max_new_tokens: int = 32, **generation_kwargs: Any
-) -> list[str]:
-    """Greedy answers for a generation batch (prompt ids left-padded), decoded without special tokens and stripped.
-
-    Args:
-        model: A :class:`~mole_lightning.models.LlavaMoLE` (or anything with its ``generate`` signature).
-        batch: Batch with ``input_ids``, ``attention_mask``, ``pixel_values``, ``has_image`` on the model's device.
-        tokenizer: Tokenizer for decoding (its pad/eos ids are passed to ``generate``).
-        max_new_tokens: Maximum generated tokens.
-        **generation_kwargs: Other ``generate`` options (override the greedy defaults).
-
-    Returns:
-        One answer per sample.
-    """
-    kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": False, "num_beams": 1}
-    for name in ("pad_token_id", "eos_token_id"):
-        value = getattr(tokenizer, name, None)
-        if value is not None:
-            kwargs[name] = value
-    kwargs.update(generation_kwargs)
-    output = model.generate(
-        batch.get("pixel_values"),
-        batch["input_ids"],
-        batch.get("attention_mask"),
-        has_image=batch.get("has_image"),
-        **kwargs,
-    )
-    new_tokens = output[:, batch["input_ids"].shape[1] :]
-    return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
-
-
-def prediction_records(batch: dict[str, Any], predictions: list[str]) -> list[dict[str, Any]]:
-    """One ``{"id", "source", "question", "answer", "answers", "prediction"}`` dict per sample of a generation
-    batch (``answer``: the first reference answer, ``""`` without references)."""
-    size = len(predictions)
-    answers = batch.get("answers") or [[] for _ in range(size)]
-    ids, sources = batch.get("id") or [str(i) for i in range(size)], batch.get("source") or [""] * size
-    questions = batch.get("question") or [""] * size
-    return [
-        {"id": ids[i], "source": sources[i], "question": questions[i], "answer": answers[i][0] if answers[i] else "",
-         "answers": list(answers[i]), "prediction": predictions[i]}
-        for i in range(size)
-    ]  # fmt: skip
 
 
 def _escape(text: Any, limit: int = 160) -> str:

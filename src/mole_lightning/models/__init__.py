@@ -5,14 +5,10 @@ from mole_lightning.models.builders import (
     TINY_CLIP_VISION_CONFIG,
     TINY_LLAMA_CONFIG,
     TINY_OPEN_CLIP_CONFIG,
-    add_image_token,
     build_language_model,
     build_llava_mole,
     build_preset,
     build_vision_tower,
-    load_tokenizer,
-    resize_embeddings,
-    tiny_tokenizer,
 )
 from mole_lightning.models.llava_mole import LlavaMoLE, LlavaMoLEOutput
 from mole_lightning.models.loading import (
@@ -40,6 +36,12 @@ from mole_lightning.models.vision import (
     VisionTower,
     register_vision_tower,
     vision_geometry,
+)
+from mole_lightning.tokenization import (  # re-exported; their home is tokenization
+    add_image_token,
+    load_tokenizer,
+    resize_embeddings,
+    tiny_tokenizer,
 )
 
 __all__ = [

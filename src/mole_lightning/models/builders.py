@@ -17,18 +17,24 @@ import os
 from typing import Any
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from torch import nn
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig
 
 from mole_lightning.constants import DEFAULT_IMAGE_TOKEN
+from mole_lightning.models import sharded_loading
 from mole_lightning.models.llava_mole import LlavaMoLE
 from mole_lightning.models.loading import load_projector
 from mole_lightning.models.projector import build_projector
 from mole_lightning.models.vision import VisionTower, tower_kind
 from mole_lightning.peft import MoLEConfig
 from mole_lightning.peft.quantization import check_quantize, quantize_linears, require_bitsandbytes
-from mole_lightning.tokenization import add_image_token, load_tokenizer, prepare_tokenizer, require_local_path
+from mole_lightning.tokenization import (
+    load_tokenizer,
+    prepare_tokenizer,
+    require_local_path,
+    resize_embeddings,
+    tiny_tokenizer,
+)
 
 VisionKind = str
 """A registered tower kind (``mole_lightning.models.vision.VISION_TOWERS``: ``"hf"``, ``"open_clip"``...)."""
@@ -62,30 +68,6 @@ TINY_OPEN_CLIP_CONFIG: dict[str, Any] = dict(
     text_cfg=dict(context_length=16, vocab_size=64, width=32, heads=4, layers=1),
 )
 """Tiny ``open_clip`` model config: 32 px images, 16 patches, width 32."""
-
-TINY_SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")
-
-
-def tiny_tokenizer(*, image_token: str = DEFAULT_IMAGE_TOKEN) -> Any:
-    """A byte-level tokenizer without merges (every UTF-8 byte is a token) plus ``<unk> <s> </s> <pad>``.
-
-    Encodes any text losslessly with a 260-token vocabulary (+ ``<image>``); for tiny random models and tests. Like
-    Llama's, it puts ``<s>`` in front when called with ``add_special_tokens=True``.
-    """
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {tok: i for i, tok in enumerate(TINY_SPECIAL_TOKENS)}
-    vocab.update({ch: len(TINY_SPECIAL_TOKENS) + i for i, ch in enumerate(alphabet)})
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    backend.decoder = decoders.ByteLevel()
-    backend.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])]
-    )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
-    )
-    add_image_token(tokenizer, image_token)
-    return tokenizer
 
 
 def bitsandbytes_config(quantize: str, compute_dtype: torch.dtype | None = None) -> Any:
@@ -142,20 +124,6 @@ def build_language_model(
     if quantize is not None:
         quantize_linears(model, quantize, compute_dtype=dtype or torch.float32)
     return model
-
-
-def resize_embeddings(language_model: nn.Module, tokenizer: Any, *, pad_to_multiple_of: int | None = None) -> int:
-    """Grow the LM embeddings (input and output) to cover the tokenizer, only when needed.
-
-    New rows are initialised to the mean of the old ones (transformers' ``mean_resizing``).
-
-    Returns:
-        The number of rows before resizing (first new row), equal to the current size when nothing changed.
-    """
-    old = language_model.get_input_embeddings().weight.shape[0]
-    if len(tokenizer) > old:
-        language_model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=pad_to_multiple_of)
-    return old
 
 
 def build_vision_tower(
@@ -237,7 +205,6 @@ def build_llava_mole(
             projector) as frozen 4-bit bitsandbytes weights (see :func:`build_language_model`); the adapters run
             over them unchanged. Not with ``frozen_on_meta``.
     """
-    from mole_lightning.models import sharded_loading  # cycle: sharded_loading imports resize_embeddings from here
 
     if check_quantize(quantize) is not None and frozen_on_meta:
         raise ValueError(

@@ -32,8 +32,8 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-from mole_lightning.models.builders import resize_embeddings
 from mole_lightning.models.vision import HFVisionTower
+from mole_lightning.tokenization import resize_embeddings
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,

@@ -24,7 +24,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 from mole_lightning.constants import IGNORE_INDEX
-from mole_lightning.eval.callback import generate_answers, prediction_records
+from mole_lightning.generation import generate_answers, prediction_records
 from mole_lightning.models import load_adapters, missing_trainable, select_trainable, trainable_names
 from mole_lightning.peft import MoLEConfig, expert_counts_per_sample
 from mole_lightning.training.nonfinite import NonFiniteSteps
