@@ -52,8 +52,20 @@ CLOSED_ANSWERS = ("yes", "no")
 
 def read_jsonl(paths: str | Sequence[str]) -> Iterator[Any]:
     """Yields the records of one or more JSON-lines files, one line at a time (M3IT's files hold base64 images: they
-    are never loaded whole). A line that is no JSON is yielded as ``None`` (skipped as ``bad_record``)."""
-    for path in [paths] if isinstance(paths, str) else paths:
+    are never loaded whole). A line that is no JSON is yielded as ``None`` (skipped as ``bad_record``).
+
+    Raises:
+        FileNotFoundError: A file is missing (checked for every file before the first record is read).
+    """
+    paths = [paths] if isinstance(paths, str) else list(paths)
+    for path in paths:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no such file: {path}")
+    return _jsonl_records(paths)
+
+
+def _jsonl_records(paths: Sequence[str]) -> Iterator[Any]:
+    for path in paths:
         with open(path, encoding="utf-8") as handle:
             for line in handle:
                 if not line.strip():
@@ -126,6 +138,8 @@ def convert_m3it(
         **options: ``verify_images``, ``progress`` of :func:`convert_llava_records`.
     """
     paths = [paths] if isinstance(paths, str) else list(paths)
+
+    read_jsonl(paths)  # every file exists
 
     def lines() -> Iterator[tuple[str, int, Any]]:
         for path in paths:
