@@ -40,6 +40,7 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--maxcount", type=int, default=10000, help="samples per shard")
     parser.add_argument("--verify-images", action="store_true", help="decode every image to skip corrupt files")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--task", help="evaluation task written into every json, with the reply as 'answers'")
 
 
 def add_llava_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,7 +51,12 @@ def add_llava_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _options(args: argparse.Namespace) -> dict:
-    return {"maxcount": args.maxcount, "verify_images": args.verify_images, "progress": not args.no_progress}
+    return {
+        "maxcount": args.maxcount,
+        "verify_images": args.verify_images,
+        "progress": not args.no_progress,
+        "task": args.task,
+    }
 
 
 def run_llava(args: argparse.Namespace) -> tuple[ConversionReport, int]:

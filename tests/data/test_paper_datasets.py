@@ -231,7 +231,7 @@ def test_upsample_indices_repeat_the_training_set_to_the_target():
         upsample_indices(0, 5)
 
 
-def test_pathvqa_llava_med_json_upsampled_by_the_command(tmp_path):
+def test_pathvqa_llava_med_json_upsampled_by_the_command_and_as_an_evaluation_set(tmp_path, capsys):
     (tmp_path / "images").mkdir()
     pictures = {name: image_bytes((i * 60, 100, 100), fmt="JPEG") for i, name in enumerate(["a", "b", "c"])}
     for name, data in pictures.items():
@@ -261,6 +261,18 @@ def test_pathvqa_llava_med_json_upsampled_by_the_command(tmp_path):
         assert image_of(sample) == pictures[sample["json"]["id"]]
     assert {s["json"]["id"]: s["json"]["answer_type"] for s in samples} == {"a": "closed", "b": "open", "c": "closed"}
     assert sorted(Counter((s["json"]["id"], s["json"]["repeat"]) for s in samples).values()) == [1] * 7
+    assert not any("task" in s["json"] or "answers" in s["json"] for s in samples)  # training data
+
+    args = ["--input", str(path), "--images", str(tmp_path / "images"), "--out", str(tmp_path / "test")]
+    test = convert_in_process(capsys, "pathvqa", *args, "--source", "pathvqa", "--task", "pathvqa_{answer_type}")
+    assert test.returncode == 0, test.stderr
+    rows = [s["json"] for s in written(tmp_path / "test", "pathvqa")]  # an evaluation set: each record once
+    tasks = [(r["id"], r["task"], r["answers"]) for r in rows]
+    assert tasks == [
+        ("a", "pathvqa_closed", ["yes"]),
+        ("b", "pathvqa_open", ["hematoxylin"]),
+        ("c", "pathvqa_closed", ["No"]),
+    ]
 
 
 def test_pathvqa_hf_rows_with_image_bytes_by_the_library(tmp_path):

@@ -66,6 +66,7 @@ def convert_llava_records(
     progress: bool = False,
     total: int | None = None,
     parse: Callable[[Any, int], Any] | None = None,
+    task: str | None = None,
 ) -> ConversionReport:
     """Writes LLaVA-format records (``id``, ``image``, ``conversations``) as shards of one source.
 
@@ -92,6 +93,9 @@ def convert_llava_records(
         parse: ``parse(raw, index)`` maps each raw record to a LLaVA record before it is checked (a release
             format's converter); a :class:`~mole_lightning.data.templates.BadSampleError` it raises skips the
             record under its ``kind``.
+        task: Evaluation task written into every json as ``task``, with ``answers`` = ``[last assistant reply]``
+            where the record has no ``answers`` (an evaluation set scored by that task's metric); ``{field}`` in it
+            is replaced by the record's field (``"pathvqa_{answer_type}"``: ``pathvqa_closed`` / ``pathvqa_open``).
 
     Returns:
         The conversion report.
@@ -116,7 +120,7 @@ def convert_llava_records(
                 skip("bad_record", "not an object with a 'conversations' list")
                 continue
             try:
-                normalize_conversation(record["conversations"])
+                messages = normalize_conversation(record["conversations"])
             except BadSampleError as error:
                 skip(error.kind, str(error))
                 continue
@@ -150,6 +154,10 @@ def convert_llava_records(
                 skip("missing_image", "<image> in text but no 'image' field")
                 continue
             sample["json"] = {**record, "id": str(record_id), "source": source}
+            if task is not None:
+                reply = [message.text for message in messages if message.role == "assistant"][-1]
+                name = task.format_map(record) if "{" in task else task  # e.g. "pathvqa_{answer_type}"
+                sample["json"] = {"answers": [reply], **sample["json"], "task": name}
             writer.write(sample)
             report.written += 1
     report.sizes = dict(writer.sizes)
