@@ -113,7 +113,7 @@ def test_m3it_jsonl_with_base64_images_to_shards(tmp_path):
     first, second = (s["json"] for s in samples)
     assert first["conversations"] == turns("<image>\nAnswer it.\nWhat colour?", "red")
     assert second["conversations"] == turns("<image>\nDescribe it.", "A blue square.")
-    assert first["source"] == "general" and first["dataset"] == "vqa-v2" and first["id"] == "vqa-v2-0"
+    assert first["source"] == "general" and first["dataset"] == "vqa-v2" and first["id"] == "vqa-v2-train-0"
     assert "image" not in first and "image_base64_str" not in first
 
 

@@ -100,8 +100,9 @@ def single_turn(question: str, answer: str, image: bool) -> list[dict[str, str]]
 
 
 # ------------------------------------------------------------------------------------------------------------ M3IT
-def m3it_record(record: Any, index: int = 0, dataset: str = "m3it") -> dict[str, Any]:
-    """One M3IT record → a LLaVA record with the decoded image bytes under ``image``.
+def m3it_record(record: Any, index: int = 0, dataset: str = "m3it", split: str = "train") -> dict[str, Any]:
+    """One M3IT record → a LLaVA record with the decoded image bytes under ``image`` (``id``
+    ``<dataset>-<split>-<index>``).
 
     Raises:
         BadSampleError: ``bad_record``, ``missing_image`` (no image), ``multiple_images``, ``corrupt_image`` (not
@@ -121,7 +122,7 @@ def m3it_record(record: Any, index: int = 0, dataset: str = "m3it") -> dict[str,
         raise BadSampleError("corrupt_image", f"image_base64_str is not base64: {error}") from None
     question = "\n".join(part for part in (_text(record, "instruction"), _text(record, "inputs")) if part)
     conversations = single_turn(question, _text(record, "outputs"), image=True)
-    return {"id": f"{dataset}-{index}", "image": image, "conversations": conversations, "dataset": dataset}
+    return {"id": f"{dataset}-{split}-{index}", "image": image, "conversations": conversations, "dataset": dataset}
 
 
 def convert_m3it(
@@ -131,25 +132,26 @@ def convert_m3it(
 
     Args:
         paths: One or more M3IT ``.jsonl`` files; the file's parent folder names the dataset (``dataset`` in the
-            json, ``id`` = ``<dataset>-<line>``).
+            json, ``id`` = ``<dataset>-<file stem>-<record number>``, e.g. ``vqa-v2-train-0``).
         out_dir: Output folder for ``<source>-%06d.tar`` and ``sizes.json``.
         source: Source name written into every json.
         maxcount: Samples per shard.
-        **options: ``verify_images``, ``progress`` of :func:`convert_llava_records`.
+        **options: ``verify_images``, ``progress``, ``task`` of :func:`convert_llava_records`.
     """
     paths = [paths] if isinstance(paths, str) else list(paths)
 
     read_jsonl(paths)  # every file exists
 
-    def lines() -> Iterator[tuple[str, int, Any]]:
+    def lines() -> Iterator[tuple[str, str, int, Any]]:
         for path in paths:
             dataset = os.path.basename(os.path.dirname(os.path.abspath(path))) or "m3it"
-            for line, record in enumerate(read_jsonl(path)):
-                yield dataset, line, record
+            split = os.path.splitext(os.path.basename(path))[0]
+            for number, record in enumerate(read_jsonl(path)):
+                yield dataset, split, number, record
 
-    def parse(item: tuple[str, int, Any], index: int) -> dict[str, Any]:
-        dataset, line, record = item
-        return m3it_record(record, line, dataset)
+    def parse(item: tuple[str, str, int, Any], index: int) -> dict[str, Any]:
+        dataset, split, number, record = item
+        return m3it_record(record, number, dataset, split)
 
     return convert_llava_records(lines(), "", out_dir, source, maxcount=maxcount, parse=parse, **options)
 
@@ -167,7 +169,7 @@ def convert_sharegpt4v(
         out_dir: Output folder.
         source: Source name written into every json.
         maxcount: Samples per shard.
-        **options: ``verify_images``, ``progress`` of :func:`convert_llava_records`.
+        **options: ``verify_images``, ``progress``, ``task`` of :func:`convert_llava_records`.
     """
     records = load_llava_json(json_path)
     return convert_llava_records(records, images_dir, out_dir, source, maxcount=maxcount, total=len(records), **options)
@@ -233,7 +235,7 @@ def convert_ureader(
         out_dir: Output folder.
         source: Source name written into every json.
         maxcount: Samples per shard.
-        **options: ``verify_images``, ``progress`` of :func:`convert_llava_records`.
+        **options: ``verify_images``, ``progress``, ``task`` of :func:`convert_llava_records`.
     """
     records = read_jsonl(paths)
     return convert_llava_records(
@@ -332,7 +334,7 @@ def convert_pathvqa(
         upsample_to: Samples to write (e.g. 400000); ``None`` writes each valid record once.
         seed: Seed of the choice of the records written once more when ``upsample_to`` is no multiple.
         maxcount: Samples per shard.
-        **options: ``verify_images``, ``progress`` of :func:`convert_llava_records`.
+        **options: ``verify_images``, ``progress``, ``task`` of :func:`convert_llava_records`.
     """
     mapped: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
