@@ -14,6 +14,9 @@ parsed both included and left out, ``a|b`` and ``{a,b}`` once per alternative, a
 the same is dropped, and upper-case placeholders (``CKPT``, ``DIR``) are parsed as the values they stand for. The
 commands that cannot be parsed as written are listed in ``NOT_PARSED`` with the reason.
 
+``mole-convert <format> ...`` commands are parsed by its parser (``mole_lightning.convert.build_parser()``), synopses
+expanded the same way; every format has one.
+
 The commands without placeholders of the tools that finish in seconds (``RUN_TOOLS``) also run as written, in a
 subprocess, in a temporary folder prepared with the files they read (small demo data, a checkpoint, a question file
 with its images), with all optional parts of a synopsis included. The others are parsed only: the benchmarks
@@ -41,6 +44,7 @@ import pytest
 from PIL import Image
 
 import mole_lightning
+from mole_lightning import convert
 from mole_lightning.cli import cli_main
 from mole_lightning.data import make_demo_data
 from tests.inference_helpers import write_checkpoint
@@ -252,3 +256,36 @@ def test_documented_tool_command_runs(command, prepared, tmp_path):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     out = cwd / argv[argv.index("--out") + 1]
     assert out.is_dir() and any(out.iterdir()), f"{command} wrote nothing to {out}"
+
+
+# ------------------------------------------------------------------------------------------------------- mole-convert
+def documented_convert_commands() -> list[str]:
+    """Every distinct ``mole-convert <format> ... --out ...`` command line shown (a mention without its arguments is
+    prose, not a command)."""
+    found = set()
+    for path in SOURCES:
+        for snippet in code_snippets(path):
+            match = re.search(r"(?:^|\s)mole-convert\s+(\w.*)", snippet)
+            if match is not None and "--out" in match.group(1):
+                found.add(command_text(match.group(1)))
+    return sorted(found)
+
+
+CONVERT_COMMANDS = documented_convert_commands()
+
+
+def test_the_documented_convert_commands_cover_every_format():
+    formats = {command.split()[0] for command in CONVERT_COMMANDS}
+    assert formats == set(convert.RUNNERS), formats
+
+
+@pytest.mark.parametrize("command", CONVERT_COMMANDS)
+def test_documented_convert_command_parses(command):
+    parser = convert.build_parser()
+    for argv in synopsis_argvs(command):
+        error = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(error):
+                parser.parse_args(argv)
+        except SystemExit:
+            pytest.fail(f"mole-convert {command} does not parse as {argv}: {error.getvalue()}")

@@ -172,3 +172,24 @@ def test_fits_in_a_lightning_trainer_with_workers(demo):
     trainer.fit(model, datamodule=datamodule)
     assert trainer.global_step == 8  # ceil(64 / 8) batches, 4 per worker
     assert sorted(set(model.val_sources)) == ["doc", "general", "med"]
+
+
+def test_frequencies_set_the_epoch_to_the_mixture_size_and_the_stream_follows_them(demo):
+    frequencies = {"general": 1.0, "doc": 0.5, "med": 2.0}  # every demo source has N = 120 training samples
+    sources = {name: {"urls": spec, "frequency": frequencies[name]} for name, spec in demo.train.items()}
+    dm = make(demo, sources=sources, samples_per_epoch=None)
+    dm.setup("fit")
+    assert dm.epoch_samples() == 120 * (1.0 + 0.5 + 2.0)  # |D_mix| = Σ λ_m N_m
+
+    dm = make(demo, sources=sources, samples_per_epoch=1400, batch_size=20)
+    dm.setup("fit")
+    counts = {name: 0 for name in frequencies}
+    for batch in dm.train_dataloader():
+        for source in batch["source"]:
+            counts[source] += 1
+    total = sum(counts.values())
+    assert total == 1400
+    for name, frequency in frequencies.items():
+        expected = frequency * 120 / (120 * 3.5)  # λ_m N_m / Σ λ_k N_k
+        standard_error = (expected * (1 - expected) / total) ** 0.5  # binomial
+        assert abs(counts[name] / total - expected) < 4 * standard_error, counts

@@ -263,6 +263,26 @@ def test_predict_step_returns_one_record_per_prompt(demo_data, tmp_path):
             assert record["answer"] == record["answers"][0]
 
 
+def test_predict_step_decodes_a_task_with_its_own_protocol(demo_data, monkeypatch):
+    """Tiny LVLM-eHub's wrapper decodes greedily with repetition_penalty 10 and up to 256 new tokens
+    (Multi-Modality-Arena's LLaVA-MoLE tester); a task without a protocol keeps the module's max_new_tokens."""
+    module = make_module(demo_data, max_new_tokens=4)
+    datamodule = make_datamodule(demo_data, module, val_batch_size=3)
+    module.configure_model()
+    batch = next(iter(datamodule.predict_dataloader()[0]))
+    calls = []
+
+    def generate(pixel_values, input_ids, attention_mask=None, **kwargs):
+        calls.append(kwargs)
+        return torch.cat([input_ids, torch.full_like(input_ids[:, :1], 40)], dim=1)
+
+    monkeypatch.setattr(module.model, "generate", generate)
+    module.predict_step({**batch, "task": ["lvlm_ehub"] * len(batch["input_ids"])}, 0)
+    module.predict_step({**batch, "task": ["vqa"] * len(batch["input_ids"])}, 0)
+    assert calls[0]["repetition_penalty"] == 10 and calls[0]["max_new_tokens"] == 256 and not calls[0]["do_sample"]
+    assert "repetition_penalty" not in calls[1] and calls[1]["max_new_tokens"] == 4
+
+
 def test_bf16_mixed_training_runs_and_gradient_checkpointing_changes_nothing(demo_data, train_batches, tmp_path):
     module = make_module(demo_data, optimizer=sgd(0.01))
     run = trainer(tmp_path, max_steps=2, precision="bf16-mixed")

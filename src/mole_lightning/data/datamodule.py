@@ -43,19 +43,23 @@ def distributed_position() -> tuple[int, int]:
 class MixedInstructionDataModule(pl.LightningDataModule):
     """Weighted mixture of instruction-data sources (webdataset shards) with per-source validation.
 
-    Training: every sample's source is drawn with probability ∝ its weight (the paper's λ_m) from resampled
-    per-source shard streams; every rank yields the same number of batches per epoch. With
-    ``group_by_modality_length`` each batch holds samples of one modality (image or text-only) and similar length,
-    taken from a bounded per-worker buffer (see :class:`~mole_lightning.data.pipeline.ModalityLengthGrouper`), which
-    cuts the padding; the mixture, the batch count and the seeding stay the same. Validation: one finite,
-    in-order pipeline per source, so metrics can be reported per source (``val_source_names`` gives the order of
-    ``val_dataloader()``'s list). Skipped samples are counted per ``kind/source`` in the workers, carried inside
-    each batch under ``"skipped"`` and accumulated by the loaders in the main process: read them with
+    Training: every sample's source is drawn with probability ∝ its weight from resampled per-source shard
+    streams (a source's ``frequency`` λ_m, the paper's per-dataset sampling frequency, gives the weight
+    λ_m N_m / Σ_k λ_k N_k with N_m from ``sizes.json``: see :mod:`mole_lightning.data.sources`); every rank yields
+    the same number of batches per epoch. With ``group_by_modality_length`` each batch holds samples of one
+    modality (image or text-only) and similar length, taken from a bounded per-worker buffer (see
+    :class:`~mole_lightning.data.pipeline.ModalityLengthGrouper`), which cuts the padding; the mixture, the batch
+    count and the seeding stay the same. Validation: one finite, in-order pipeline per source, so metrics can be
+    reported per source (``val_source_names`` gives the order of ``val_dataloader()``'s list). Skipped samples are
+    counted per ``kind/source`` in the workers, carried inside each batch under ``"skipped"`` and accumulated by
+    the loaders in the main process: read them with
     :meth:`skipped_counts`.
 
     Args:
-        sources: Training sources, ``{name: {"urls": str | list[str], "weight": float}}``; urls may be brace
-            patterns, ``::``-joined lists, directories, globs, ``http(s)://`` URLs or ``pipe:`` commands.
+        sources: Training sources, ``{name: {"urls": str | list[str], "weight": float}}`` (per-sample mixing
+            probability ∝ weight) or ``{name: {"urls": ..., "frequency": float}}`` for every source (D_mix =
+            Σ_m λ_m D_m: weight_m ∝ λ_m N_m); urls may be brace patterns, ``::``-joined lists, directories, globs,
+            ``http(s)://`` URLs or ``pipe:`` commands.
         val_sources: Validation sources in the same format (``weight`` ignored); ``None`` for no validation.
         tokenizer: Path (or hub name) of a Hugging Face fast tokenizer with an ``<image>`` special token.
         template: Conversation template: ``vicuna_v1``, ``llama3``, ``chatml``, ``plain`` or ``tokenizer``.
@@ -71,7 +75,7 @@ class MixedInstructionDataModule(pl.LightningDataModule):
         max_length: Maximum tokens per sample after image expansion (``None``: no limit).
         shuffle_buffer: Raw samples in each worker's shuffle buffer (0 or 1: no shuffling).
         samples_per_epoch: Training samples per epoch over all ranks; ``None`` uses the total of the training
-            shards' ``sizes.json`` files (local shards only).
+            shards' ``sizes.json`` files (local shards only), with frequencies the size of D_mix, Σ_m λ_m N_m.
         seed: Seed for shard resampling, mixing and shuffling.
         pin_memory: Pin batch memory in the loaders.
         persistent_workers: Keep training workers alive between epochs.
@@ -210,10 +214,14 @@ class MixedInstructionDataModule(pl.LightningDataModule):
         self._resolved_val_sources()
 
     def epoch_samples(self) -> int:
-        """Training samples per epoch over all ranks (``samples_per_epoch`` or the ``sizes.json`` total)."""
+        """Training samples per epoch over all ranks: ``samples_per_epoch``, else Σ_m λ_m N_m with frequencies, else
+        the ``sizes.json`` total."""
         if self.samples_per_epoch is not None:
             return int(self.samples_per_epoch)
-        urls = [u for config in self._resolved_train_sources().values() for u in config["urls"]]
+        resolved = self._resolved_train_sources()
+        if all("mix_samples" in config for config in resolved.values()):
+            return round(sum(config["mix_samples"] for config in resolved.values()))
+        urls = [u for config in resolved.values() for u in config["urls"]]
         total = count_samples(urls)
         if total is None:
             raise ValueError("samples_per_epoch is required when the training shards have no sizes.json beside them")

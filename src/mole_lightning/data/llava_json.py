@@ -1,12 +1,15 @@
 """LLaVA-format JSON (records with ``id``, ``image``, ``conversations``) → webdataset samples → shards of one
-source, with a report of every record skipped and why."""
+source, with a report of every record skipped and why.
+
+:func:`convert_llava_records` is the one writer of conversation records; the converters of other release formats
+(:mod:`mole_lightning.data.paper_datasets`) map their records to LLaVA records (``parse``) and call it."""
 
 from __future__ import annotations
 
 import io
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,7 +17,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from mole_lightning.constants import DEFAULT_IMAGE_TOKEN
-from mole_lightning.data.shard_writer import ShardWriter, image_field
+from mole_lightning.data.shard_writer import ShardWriter, image_field, image_field_of_bytes
 from mole_lightning.data.templates import BadSampleError, normalize_conversation
 
 
@@ -62,6 +65,8 @@ def convert_llava_records(
     verify_images: bool = False,
     progress: bool = False,
     total: int | None = None,
+    parse: Callable[[Any, int], Any] | None = None,
+    task: str | None = None,
 ) -> ConversionReport:
     """Writes LLaVA-format records (``id``, ``image``, ``conversations``) as shards of one source.
 
@@ -72,6 +77,10 @@ def convert_llava_records(
     ``multiple_images`` (an ``image`` list of more than one path; a one-element list is read as its path) and, with
     ``verify_images``, ``corrupt_image``.
 
+    ``image`` may also hold the encoded image itself (``bytes``, e.g. decoded from base64 by a converter): its
+    field is found from its leading bytes (``corrupt_image`` when they are no known image format) and the json
+    gets no ``image`` key.
+
     Args:
         records: Parsed JSON records.
         images_dir: Folder that ``image`` paths are relative to.
@@ -81,6 +90,12 @@ def convert_llava_records(
         verify_images: Decode every image to catch corrupt files (slower).
         progress: Show a tqdm progress bar.
         total: Number of records, for the progress bar.
+        parse: ``parse(raw, index)`` maps each raw record to a LLaVA record before it is checked (a release
+            format's converter); a :class:`~mole_lightning.data.templates.BadSampleError` it raises skips the
+            record under its ``kind``.
+        task: Evaluation task written into every json as ``task``, with ``answers`` = ``[last assistant reply]``
+            where the record has no ``answers`` (an evaluation set scored by that task's metric); ``{field}`` in it
+            is replaced by the record's field (``"pathvqa_{answer_type}"``: ``pathvqa_closed`` / ``pathvqa_open``).
 
     Returns:
         The conversion report.
@@ -90,6 +105,13 @@ def convert_llava_records(
     with ShardWriter(out_dir, source, maxcount) as writer:
         for index, record in enumerate(iterator):
             record_id = record.get("id", index) if isinstance(record, dict) else index
+            if parse is not None:
+                try:
+                    record = parse(record, index)
+                except BadSampleError as error:
+                    report.skipped.append({"index": index, "id": record_id, "reason": error.kind, "detail": str(error)})
+                    continue
+                record_id = record.get("id", index) if isinstance(record, dict) else index
 
             def skip(reason: str, detail: str = "", _index: int = index, _id: Any = record_id) -> None:
                 report.skipped.append({"index": _index, "id": _id, "reason": reason, "detail": detail})
@@ -98,7 +120,7 @@ def convert_llava_records(
                 skip("bad_record", "not an object with a 'conversations' list")
                 continue
             try:
-                normalize_conversation(record["conversations"])
+                messages = normalize_conversation(record["conversations"])
             except BadSampleError as error:
                 skip(error.kind, str(error))
                 continue
@@ -110,7 +132,14 @@ def convert_llava_records(
                     continue
                 image = image[0] if image else None
                 record = {**record, "image": image}
-            if image:
+            if isinstance(image, (bytes, bytearray)):
+                kind = image_field_of_bytes(image)
+                if kind is None or (verify_images and not _decodes(image)):
+                    skip("corrupt_image", "image bytes of no known format" if kind is None else "does not decode")
+                    continue
+                sample[kind] = bytes(image)
+                record = {k: v for k, v in record.items() if k != "image"}
+            elif image:
                 path = os.path.join(images_dir, str(image))
                 if not os.path.isfile(path):
                     skip("missing_image", path)
@@ -125,6 +154,10 @@ def convert_llava_records(
                 skip("missing_image", "<image> in text but no 'image' field")
                 continue
             sample["json"] = {**record, "id": str(record_id), "source": source}
+            if task is not None:
+                reply = [message.text for message in messages if message.role == "assistant"][-1]
+                name = task.format_map(record) if "{" in task else task  # e.g. "pathvqa_{answer_type}"
+                sample["json"] = {"answers": [reply], **sample["json"], "task": name}
             writer.write(sample)
             report.written += 1
     report.sizes = dict(writer.sizes)

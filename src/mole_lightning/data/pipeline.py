@@ -3,7 +3,7 @@
 Training (:class:`MixedTrainingStream`), run inside each DataLoader worker::
 
     per source: resampled shards (seeded by seed, rank, worker, epoch) → tar samples (webdataset)
-    → weighted random choice of a source per sample (the mixing weights λ_m)
+    → weighted random choice of a source per sample (weights, or from the frequencies λ_m: data.sources)
     → shuffle buffer → decode + template + tokenize + image processing
     → batches (consecutive, or grouped by modality and length) → ``with_epoch``-style limit
 

@@ -26,6 +26,27 @@ def image_field(path: str) -> str:
     return IMAGE_FIELD_BY_SUFFIX.get(suffix, suffix.lstrip(".") or "jpg")
 
 
+IMAGE_MAGIC: tuple[tuple[bytes, str], ...] = (
+    (b"\xff\xd8\xff", "jpg"),
+    (b"\x89PNG\r\n\x1a\n", "png"),
+    (b"GIF87a", "gif"),
+    (b"GIF89a", "gif"),
+    (b"BM", "bmp"),
+)
+"""Leading bytes of encoded images → the sample field their bytes are written under (WebP: ``RIFF....WEBP``)."""
+
+
+def image_field_of_bytes(data: bytes) -> str | None:
+    """The sample field for encoded image bytes without a file name (by their leading bytes); ``None`` if the bytes
+    are no JPEG, PNG, GIF, BMP or WebP image."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    for magic, name in IMAGE_MAGIC:
+        if data.startswith(magic):
+            return name
+    return None
+
+
 def shard_pattern(out_dir: str, source: str) -> str:
     """Returns the ``printf`` pattern of a source's shards, ``<out_dir>/<source>-%06d.tar``."""
     return os.path.join(out_dir, f"{source}-%06d.tar")

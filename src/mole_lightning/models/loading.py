@@ -34,7 +34,14 @@ from mole_lightning.tokenization import load_tokenizer
 
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
-_PROJECTOR_PREFIXES = ("model.mm_projector.", "mm_projector.", "model.multi_modal_projector.", "multi_modal_projector.")
+_PROJECTOR_PREFIXES = (
+    "model.mm_projector.",  # LLaVA stage 1 (mm_projector.bin)
+    "mm_projector.",
+    "model.multi_modal_projector.",  # llava-hf
+    "multi_modal_projector.",
+    "model.projector.",  # our training checkpoints (stage 1: configs/llava_pretrain_projector.yaml)
+    "projector.",  # our exports
+)
 _HF_PROJECTOR_KEYS = {"linear_1": "0", "linear_2": "2"}
 
 
@@ -52,7 +59,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 def projector_state_dict_from(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Projector tensors of a LLaVA / llava-hf state dict, renamed to :class:`MLPProjector` / ``nn.Linear`` keys.
 
-    Keys under ``model.mm_projector.``, ``mm_projector.`` or ``[model.]multi_modal_projector.`` are kept (other
+    Keys under ``[model.]mm_projector.``, ``[model.]multi_modal_projector.`` or ``[model.]projector.`` are kept (other
     keys of a full checkpoint are dropped); a dict without any of these prefixes is taken as a projector state
     dict. llava-hf's ``linear_1`` / ``linear_2`` become ``0`` / ``2``.
     """

@@ -24,6 +24,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 from mole_lightning.constants import IGNORE_INDEX
+from mole_lightning.eval.tasks import task_generation_kwargs
 from mole_lightning.generation import generate_answers, prediction_records
 from mole_lightning.models import load_adapters, missing_trainable, select_trainable, trainable_names
 from mole_lightning.peft import MoLEConfig, expert_counts_per_sample
@@ -213,9 +214,14 @@ class MoLELightningModule(pl.LightningModule):
     on_test_epoch_end = on_validation_epoch_end
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
-        """Greedy answers of a prompt-only (left-padded) batch, one record per sample (``prediction_records``)."""
+        """Greedy answers of a prompt-only (left-padded) batch, one record per sample (``prediction_records``).
+
+        A task with its own decoding protocol (:attr:`~mole_lightning.eval.tasks.TaskSpec.generation`, e.g.
+        ``lvlm_ehub``: repetition penalty 10, 256 new tokens) decodes with it; ``max_new_tokens`` otherwise."""
         model = self.require_model()
-        texts = generate_answers(model, batch, model.tokenizer, max_new_tokens=self.hparams.max_new_tokens)
+        kwargs = task_generation_kwargs(batch.get("task") or ())
+        max_new_tokens = kwargs.pop("max_new_tokens", self.hparams.max_new_tokens)
+        texts = generate_answers(model, batch, model.tokenizer, max_new_tokens, **kwargs)
         return prediction_records(batch, texts)
 
     # ---------------------------------------------------------------------------------------------- optimizers
