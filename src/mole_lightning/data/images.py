@@ -128,7 +128,8 @@ class ImageProcessor:
         std: Per-channel standard deviation.
         aspect: ``"pad"`` (LLaVA-1.5), ``"crop"`` (CLIP's processor) or ``"resize"`` (SigLIP's processor).
         jpeg_draft: Decode large JPEGs at a reduced scale (PIL ``draft``) that still leaves the target size: faster,
-            but the pixels then differ from LLaVA's full decode (by about one grey level). Off by default.
+            but the pixels then differ from LLaVA's full decode (mean 0.8, max 14 grey levels on a 1400×1000
+            photo). Off by default.
     """
 
     def __init__(
