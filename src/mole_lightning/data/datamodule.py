@@ -68,7 +68,8 @@ class MixedInstructionDataModule(pl.LightningDataModule):
         image_size: Vision tower input size.
         image_mean: Vision tower normalization mean (also the ``pad`` fill colour).
         image_std: Vision tower normalization std.
-        image_aspect: ``pad`` (LLaVA-1.5), ``resize`` or ``crop``.
+        image_aspect: ``pad`` (LLaVA-1.5), ``resize`` (SigLIP's processor) or ``crop`` (CLIP's processor).
+        image_jpeg_draft: Decode large JPEGs at reduced scale (faster, not LLaVA's pixels; off by default).
         batch_size: Training samples per batch and rank.
         val_batch_size: Validation samples per batch (default: ``batch_size``).
         num_workers: DataLoader worker processes per loader.
@@ -98,6 +99,7 @@ class MixedInstructionDataModule(pl.LightningDataModule):
         image_mean: tuple[float, float, float] = OPENAI_CLIP_MEAN,
         image_std: tuple[float, float, float] = OPENAI_CLIP_STD,
         image_aspect: str = "pad",
+        image_jpeg_draft: bool = False,
         batch_size: int = 8,
         val_batch_size: int | None = None,
         num_workers: int = 2,
@@ -130,6 +132,7 @@ class MixedInstructionDataModule(pl.LightningDataModule):
         self.image_mean = tuple(image_mean)
         self.image_std = tuple(image_std)
         self.image_aspect = image_aspect
+        self.image_jpeg_draft = image_jpeg_draft
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
         self.num_workers = num_workers
@@ -177,6 +180,7 @@ class MixedInstructionDataModule(pl.LightningDataModule):
             image_mean=self.image_mean,
             image_std=self.image_std,
             image_aspect=self.image_aspect,
+            image_jpeg_draft=self.image_jpeg_draft,
             max_length=self.max_length,
             mode=mode,
             system_prompt=self.system_prompt,

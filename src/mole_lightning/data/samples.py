@@ -84,6 +84,7 @@ class SampleEncoder:
         image_mean: Tower normalization mean.
         image_std: Tower normalization std.
         image_aspect: ``pad``, ``resize`` or ``crop``.
+        image_jpeg_draft: Decode large JPEGs at reduced scale (:class:`~mole_lightning.data.images.ImageProcessor`).
         max_length: Maximum sequence length (``None``: unlimited).
         mode: ``"train"`` (full conversation with labels) or ``"generate"`` (prompt only, plus answers).
         system_prompt: Optional system prompt overriding the template default.
@@ -98,6 +99,7 @@ class SampleEncoder:
         image_mean: Sequence[float] = OPENAI_CLIP_MEAN,
         image_std: Sequence[float] = OPENAI_CLIP_STD,
         image_aspect: str = "pad",
+        image_jpeg_draft: bool = False,
         max_length: int | None = None,
         mode: str = "train",
         system_prompt: str | None = None,
@@ -110,7 +112,7 @@ class SampleEncoder:
         self.max_length = max_length
         self.mode = mode
         self.system_prompt = system_prompt
-        self.image_processor = ImageProcessor(image_size, image_mean, image_std, image_aspect)
+        self.image_processor = ImageProcessor(image_size, image_mean, image_std, image_aspect, image_jpeg_draft)
 
     @property
     def tokenizer(self) -> Any:
