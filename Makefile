@@ -38,7 +38,7 @@ DEMO_DATA := demo_data
 
 demo: $(STAMP)
 	@test -f $(DEMO_DATA)/tokenizer/tokenizer.json || \
-		$(PY) tools/make_demo_data.py --out $(DEMO_DATA) --train 2000 --val 100 --seed 0
+		$(VENV)/bin/mole-demo-data --out $(DEMO_DATA) --train 2000 --val 100 --seed 0
 	OMP_NUM_THREADS=1 $(PY) -m mole_lightning fit --config configs/demo.yaml  # 1 core computes, 1 loads data
 	@echo "TensorBoard logs: runs/demo   (view: $(VENV)/bin/tensorboard --logdir runs/demo)"
 	@echo "Checkpoints:      runs/demo/checkpoints (last.ckpt; resume: mole-train fit --config configs/demo.yaml --ckpt_path last)"

@@ -5,7 +5,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import subprocess
+import sys
 import tarfile
+from pathlib import Path
 
 from PIL import Image
 
@@ -80,9 +83,11 @@ def test_tokenizer_special_tokens_and_role_markers(tokenizer):
 
 
 def test_same_seed_same_bytes_and_cli(tmp_path):
-    tool = load_tool("make_demo_data")
-    tool.main(["--out", str(tmp_path / "a"), "--train", "5", "--val", "2", "--seed", "3"])
-    tool.main(["--out", str(tmp_path / "b"), "--train", "5", "--val", "2", "--seed", "3"])
+    script = Path(sys.executable).with_name("mole-demo-data")  # the installed command, as users run it
+    result = subprocess.run([str(script), "--out", str(tmp_path / "a"), "--train", "5", "--val", "2", "--seed", "3"],
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0 and "wrote demo data to" in result.stdout, result.stderr
+    load_tool("make_demo_data").main(["--out", str(tmp_path / "b"), "--train", "5", "--val", "2", "--seed", "3"])
     for split in ("train", "val"):
         for name in os.listdir(tmp_path / "a" / split):
             assert (tmp_path / "a" / split / name).read_bytes() == (tmp_path / "b" / split / name).read_bytes()
