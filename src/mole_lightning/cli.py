@@ -21,6 +21,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from lightning.fabric.plugins import CheckpointIO
+from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningCLI
 
@@ -69,6 +71,19 @@ class MoLECLI(LightningCLI):
         for name in ("num_image_tokens", "image_size", "image_mean", "image_std"):
             parser.link_arguments(f"model.{name}", f"data.{name}", apply_on="instantiate")
 
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The Trainer, with :class:`AtomicCheckpointIO` unless the config names a ``CheckpointIO`` plugin itself.
+
+        Added here rather than as a ``trainer_defaults`` instance, which the config printer cannot write: a config
+        printed with ``--print_config`` or saved beside a run then reads back as it is."""
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        plugins = config.get("trainer", {}).get("plugins")
+        plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
+            plugins.append(AtomicCheckpointIO())
+        kwargs.setdefault("plugins", plugins)
+        return super().instantiate_trainer(**kwargs)
+
     def before_instantiate_classes(self) -> None:
         """Use FSDP2 (:class:`MoLEModelParallelStrategy`) when several devices are asked for with strategy auto."""
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -95,7 +110,6 @@ def cli_main(args: ArgsType = None, run: bool = True) -> MoLECLI:
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},
         seed_everything_default=0,
-        trainer_defaults={"plugins": [AtomicCheckpointIO()]},
         parser_kwargs={"fit": {"default_env": False}},
     )
 

@@ -167,3 +167,39 @@ def test_fsdp2_is_the_default_for_several_devices(tmp_path):
     args = ["--config", str(CONFIGS / "demo.yaml"), "--data.tokenizer", demo.tokenizer]  # run=False: no subcommand
     cli = cli_main([*args, "--trainer.devices", "2", "--trainer.logger", "false"], run=False)
     assert isinstance(cli.trainer.strategy, MoLEModelParallelStrategy)
+
+
+def print_config_text(args: list[str]) -> str:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_info:
+        cli_main(args)
+    assert exit_info.value.code in (0, None), out.getvalue()
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("config", MAIN_CONFIGS, ids=lambda p: p.name)
+def test_a_printed_config_reads_back_as_itself(config, tmp_path):
+    printed = print_config_text(["fit", "--config", str(config), "--print_config"])
+    assert "Unable to serialize" not in printed
+    written = tmp_path / "printed.yaml"
+    written.write_text(printed)
+    assert print_config_text(["fit", "--config", str(written), "--print_config"]) == printed
+
+
+def test_a_run_is_validated_from_the_config_saved_beside_it(tmp_path, monkeypatch):
+    """``mole-train fit`` saves ``config.yaml`` in the run's log folder; ``validate --config <that file>`` of the
+    run's checkpoint works (exit 0), and checkpoints were written through the atomic writer."""
+    from mole_lightning.data import make_demo_data
+
+    monkeypatch.chdir(tmp_path)  # the demo recipe's relative paths: demo_data/, runs/demo/
+    make_demo_data("demo_data", train=16, val=4, seed=0, maxcount=16)
+    quick = ["--trainer.max_steps", "1", "--trainer.val_check_interval", "1", "--data.batch_size", "2"]
+    quick += ["--data.val_batch_size", "4", "--data.num_workers", "0", "--data.shuffle_buffer", "4"]
+    quick += ["--trainer.callbacks", "[]", "--checkpoint.every_n_train_steps", "1"]
+    fit = cli_main(["fit", "--config", str(CONFIGS / "demo.yaml"), *quick])
+    assert isinstance(fit.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    saved = Path(fit.trainer.log_dir) / "config.yaml"
+    assert saved.is_file() and "Unable to serialize" not in saved.read_text()
+    checkpoint = tmp_path / "runs" / "demo" / "checkpoints" / "last.ckpt"
+    validate = cli_main(["validate", "--config", str(saved), "--ckpt_path", str(checkpoint)])
+    assert "val/loss" in validate.trainer.callback_metrics
