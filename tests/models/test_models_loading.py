@@ -206,3 +206,38 @@ def test_tiny_preset_with_tokenizer_path(tmp_path, tokenizer_without_image):
     model = build_preset("tiny", tokenizer=str(tmp_path / "tok"))
     assert model.image_token_id == 44
     assert model.language_model.get_input_embeddings().weight.shape[0] == 45
+
+
+def test_a_missing_relative_folder_is_local_for_every_loader(tmp_path, monkeypatch):
+    """``exports/run/base`` (two separators) cannot be a hub id (``org/name``): every loader that takes a folder or
+    file says it does not exist, in one line, instead of asking the hub."""
+    from mole_lightning.models import (
+        build_language_model,
+        load_adapters,
+        load_llava_hf,
+        load_projector,
+        read_state_dict,
+    )
+    from mole_lightning.models.loading import read_adapter_config
+    from mole_lightning.models.vision import HFVisionTower
+    from mole_lightning.tokenization import load_tokenizer
+
+    monkeypatch.chdir(tmp_path)
+    missing = "exports/run/base"
+    loaders = {
+        "llava-hf folder": lambda: load_llava_hf(missing),
+        "LLM folder": lambda: build_language_model(path=missing),
+        "vision tower folder": lambda: HFVisionTower.from_pretrained(missing),
+        "tokenizer folder": lambda: load_tokenizer(missing),
+        "weights file": lambda: read_state_dict(f"{missing}/mm_projector.bin"),
+        "adapter folder": lambda: read_adapter_config(missing),
+    }
+    for what, load in loaders.items():
+        with pytest.raises(FileNotFoundError) as info:
+            load()
+        message = str(info.value)
+        assert message.startswith(what) and "does not exist" in message and "\n" not in message, (what, message)
+    with pytest.raises(FileNotFoundError, match="weights file"):
+        load_projector(torch.nn.Linear(2, 2), "checkpoints/run/mm_projector.bin")
+    with pytest.raises(FileNotFoundError, match="adapter folder 'exports/run/adapter' does not exist"):
+        load_adapters(None, "exports/run/adapter")

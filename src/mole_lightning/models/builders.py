@@ -113,6 +113,7 @@ def build_language_model(
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     if path is not None:
+        path = require_local_path(path, "LLM folder")
         if quantize is not None:
             kwargs["quantization_config"] = bitsandbytes_config(quantize, dtype)
         return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)

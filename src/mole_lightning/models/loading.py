@@ -30,7 +30,7 @@ from mole_lightning.models.projector import MLPProjector, projector_name
 from mole_lightning.models.trainable import trainable_state_dict
 from mole_lightning.models.vision import HFVisionTower
 from mole_lightning.peft import MoLEConfig, load_adapter_state_dict
-from mole_lightning.tokenization import load_tokenizer
+from mole_lightning.tokenization import load_tokenizer, require_local_path
 
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -46,8 +46,15 @@ _HF_PROJECTOR_KEYS = {"linear_1": "0", "linear_2": "2"}
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Tensors of a ``.safetensors`` file, or of a torch pickle read with ``weights_only=True``."""
+    """Tensors of a ``.safetensors`` file, or of a torch pickle read with ``weights_only=True``.
+
+    Raises:
+        FileNotFoundError: no such file.
+    """
     path = str(path)
+    if not os.path.isfile(os.path.expanduser(path)):
+        raise FileNotFoundError(f"weights file {path!r} does not exist")
+    path = os.path.expanduser(path)
     if path.endswith(".safetensors"):
         return load_file(path)
     state = torch.load(path, map_location="cpu", weights_only=True)
@@ -133,6 +140,9 @@ def load_llava_hf(
     """
     from transformers import LlavaForConditionalGeneration  # heavy: loads transformers.modeling_utils
 
+    path = require_local_path(str(path), "llava-hf folder")
+    if adapter is not None:
+        require_local_path(str(adapter), "adapter folder")
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if dtype is not None:
         kwargs["dtype"] = dtype
@@ -231,7 +241,9 @@ def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
     Raises:
         FileNotFoundError: the folder or its ``adapter_config.json`` does not exist.
     """
-    path = Path(directory) / ADAPTER_CONFIG_NAME
+    if not Path(directory).expanduser().exists():
+        raise FileNotFoundError(f"adapter folder {str(directory)!r} does not exist")
+    path = Path(directory).expanduser() / ADAPTER_CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{str(directory)!r} holds no {ADAPTER_CONFIG_NAME}; is it an adapter export?")
     return json.loads(path.read_text())

@@ -26,6 +26,7 @@ from torch import nn
 from transformers import AutoConfig, CLIPVisionConfig, SiglipVisionConfig
 
 from mole_lightning.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, SIGLIP_MEAN_STD
+from mole_lightning.tokenization import require_local_path
 
 
 def _absolute_layer(layer: int, num_layers: int) -> int:
@@ -224,6 +225,7 @@ class HFVisionTower(VisionTower):
         """
         from transformers import CLIPVisionModel, SiglipVisionModel  # heavy: loads transformers.modeling_utils
 
+        path = require_local_path(path, "vision tower folder")
         if siglip is None:
             siglip = "siglip" in AutoConfig.from_pretrained(path).model_type
         model_cls = SiglipVisionModel if siglip else CLIPVisionModel
