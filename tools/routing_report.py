@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import inspect
 import json
 import os
 import sys
@@ -43,12 +44,13 @@ from typing import Any
 import torch
 
 from mole_lightning.data import MixedInstructionDataModule
+from mole_lightning.data.images import ASPECTS
 from mole_lightning.eval.routing_analysis import SELECTIONS, RoutingAccumulator
 from mole_lightning.eval.routing_page import heatmap_pngs, render_routing_page, sample_routing
 from mole_lightning.generation import take_rows
 from mole_lightning.models import build_preset, load_adapters
 from mole_lightning.training import MoLELightningModule
-from mole_lightning.training.export import TRAINING_CONFIG_NAME
+from mole_lightning.training.export import TRAINING_CONFIG_NAME, recorded_data_settings
 
 
 def parse_sources(values: list[str]) -> dict[str, dict[str, str]]:
@@ -141,6 +143,16 @@ def build_model(args: argparse.Namespace) -> Any:
     return model.eval()
 
 
+def data_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """How samples become inputs: each of ``--template``, ``--system-prompt``, ``--image-aspect``, ``--max-length``
+    when given, else the run's (recorded in the checkpoint or the export), else the DataModule's default."""
+    recorded = recorded_data_settings(args.ckpt or args.adapter)
+    parameters = inspect.signature(MixedInstructionDataModule.__init__).parameters
+    defaults = {key: parameters[key].default for key in ("template", "system_prompt", "image_aspect", "max_length")}
+    given = {key: getattr(args, key) for key in defaults}
+    return {key: given[key] if given[key] is not None else recorded.get(key, defaults[key]) for key in defaults}
+
+
 def write_csv(path: str, rows: list[dict[str, Any]]) -> None:
     """Rows of dicts with the same keys as CSV."""
     with open(path, "w", newline="", encoding="utf-8") as handle:
@@ -163,10 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, help="seed of the random base weights (default: checkpoint model_seed, 0)")
     parser.add_argument("--trust-checkpoint", action="store_true", help="allow pickled objects in --ckpt")
     parser.add_argument("--val", action="append", required=True, help="NAME=SHARDS of a validation source")
-    parser.add_argument("--template", default="vicuna_v1")
+    parser.add_argument("--template", help="chat template (default: the run's, from the checkpoint or export)")
+    parser.add_argument("--system-prompt", help="system prompt (default: the run's)")
+    parser.add_argument("--image-aspect", choices=ASPECTS, help="pad / resize / crop (default: the run's)")
     parser.add_argument("--max-samples", type=int, default=64, help="samples per source")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-length", type=int, default=2048)
+    parser.add_argument("--max-length", type=int, help="maximum tokens per sample (default: the run's)")
     parser.add_argument("--layers-per-figure", type=int, default=8)
     parser.add_argument("--weighting", choices=("tokens", "uniform"), default="tokens", help="source weights in MI")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -190,19 +204,22 @@ def main(argv: list[str] | None = None) -> int:
 
     sources = parse_sources(args.val)
     model = build_model(args).to(args.device)
+    data = data_settings(args)
     tower = model.vision_tower
     datamodule = MixedInstructionDataModule(
         sources=sources,
         val_sources=sources,
         tokenizer=args.tokenizer,
-        template=args.template,
+        template=data["template"],
+        system_prompt=data["system_prompt"],
+        image_aspect=data["image_aspect"],
         num_image_tokens=model.num_image_tokens,
         image_size=tower.image_size,
         image_mean=tuple(tower.image_mean),
         image_std=tuple(tower.image_std),
         batch_size=args.batch_size,
         num_workers=0,
-        max_length=args.max_length,
+        max_length=data["max_length"],
         samples_per_epoch=1,
     )
     datamodule.setup("validate")

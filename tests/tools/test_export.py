@@ -21,6 +21,9 @@ ROOT = Path(__file__).resolve().parents[2]
 TOOL = ROOT / "tools" / "export_adapter.py"
 
 
+DATA_SETTINGS = {"template": "vicuna_v1", "system_prompt": None, "max_length": 512, "image_aspect": "pad"}
+
+
 def write_checkpoint(real_folders, path: Path, num_experts: int) -> MoLELightningModule:
     """A checkpoint as mole-train writes it (trainable tensors only) of vicuna + CLIP-336 with non-zero adapters."""
     spec = ModelSpec(preset=None, llm_path=str(real_folders["vicuna"]), vision_name_or_path=str(real_folders["clip"]))
@@ -32,6 +35,7 @@ def write_checkpoint(real_folders, path: Path, num_experts: int) -> MoLELightnin
             if name.endswith("lora_B") or name.startswith("projector."):
                 param.add_(0.2 * torch.randn(param.shape, generator=g))
     checkpoint = {"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}
+    checkpoint["datamodule_hyper_parameters"] = {**DATA_SETTINGS, "batch_size": 2}  # as Lightning saves them
     module.on_save_checkpoint(checkpoint)
     torch.save(checkpoint, path)
     return module
@@ -99,8 +103,10 @@ def test_mole_then_peft_from_the_mole_folder(tool, lora_checkpoint, tmp_path, ca
     assert sorted(p.name for p in mole.iterdir()) == [
         "adapter_config.json",
         "adapter_model.safetensors",
+        "data_config.json",
         "training_config.json",
     ]
+    assert json.loads((mole / "data_config.json").read_text()) == DATA_SETTINGS  # how the run built its inputs
     printed = capsys.readouterr().out
     assert "adapter_model.safetensors" in printed and "total" in printed
 

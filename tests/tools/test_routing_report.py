@@ -287,3 +287,24 @@ def test_layers_differ_and_screenshot_is_not_blank(report: dict[str, Any]) -> No
     with Image.open(screenshot) as image:
         assert image.size == (1000, 2400)
         assert len(image.convert("RGB").getcolors(maxcolors=1 << 20)) > 100  # text, heatmaps and coloured tokens
+
+
+def test_inputs_are_rebuilt_with_the_runs_data_settings_unless_overridden(tmp_path) -> None:
+    """A run trained with ChatML, 64 tokens and ``crop`` images is analysed with them by default (the checkpoint's
+    DataModule hyper-parameters, or the ``data_config.json`` of its export); a flag overrides one setting."""
+    from tools.routing_report import build_parser, data_settings
+
+    trained = {"template": "chatml", "system_prompt": "Be brief.", "max_length": 64, "image_aspect": "crop"}
+    checkpoint = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {}, "datamodule_hyper_parameters": {**trained, "batch_size": 4}}, checkpoint)
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "data_config.json").write_text(json.dumps(trained))
+    required = ["--tokenizer", "tok", "--val", "general=x.tar", "--out", "out"]
+    for weights in (["--ckpt", str(checkpoint)], ["--adapter", str(export)]):
+        assert data_settings(build_parser().parse_args([*weights, *required])) == trained
+        overridden = data_settings(build_parser().parse_args([*weights, *required, "--template", "vicuna_v1"]))
+        assert overridden == {**trained, "template": "vicuna_v1"}
+    (export / "data_config.json").unlink()  # an export without recorded settings: the DataModule's defaults
+    defaults = data_settings(build_parser().parse_args(["--adapter", str(export), *required]))
+    assert defaults == {"template": "vicuna_v1", "system_prompt": None, "max_length": 2048, "image_aspect": "pad"}

@@ -25,6 +25,10 @@ from mole_lightning.models.loading import read_adapter_config
 from mole_lightning.training.module import MoLELightningModule
 
 TRAINING_CONFIG_NAME = "training_config.json"
+DATA_CONFIG_NAME = "data_config.json"
+"""The data settings a ``mole`` export carries from its run (:data:`DATA_SETTINGS`), to rebuild inputs as trained."""
+DATA_SETTINGS = ("template", "system_prompt", "max_length", "image_aspect")
+"""The DataModule settings that decide how a sample becomes model inputs (beyond the tower's geometry)."""
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -58,6 +62,18 @@ def load_checkpoint_state(module: MoLELightningModule, checkpoint: dict[str, Any
     state = {clean_parameter_name(k): v for k, v in checkpoint["state_dict"].items()}
     module.on_load_checkpoint({"state_dict": state})
     return module.load_state_dict(state, strict=False)
+
+
+def recorded_data_settings(path: str | os.PathLike) -> dict[str, Any]:
+    """The :data:`DATA_SETTINGS` the run of a ``.ckpt`` file (its DataModule's saved hyper-parameters) or of a
+    ``mole`` export folder (its ``data_config.json``) trained with; ``{}`` when none were recorded."""
+    path = Path(path)
+    if path.is_file():
+        recorded = read_checkpoint(path).get("datamodule_hyper_parameters") or {}
+    else:
+        config_file = path / DATA_CONFIG_NAME
+        recorded = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    return {key: recorded[key] for key in DATA_SETTINGS if key in recorded}
 
 
 def load_trained_model(path: str | os.PathLike) -> tuple[LlavaMoLE, dict[str, Any] | None]:
@@ -108,5 +124,9 @@ def export_checkpoint(
     """
     check_destination(output_dir, overwrite=options.get("overwrite", False))  # fail before loading anything
     model, hparams = load_trained_model(checkpoint_path)
-    extra = {TRAINING_CONFIG_NAME: json.dumps(hparams, indent=2, default=str)} if to == "mole" and hparams else None
+    extra = None
+    if to == "mole":
+        data = recorded_data_settings(checkpoint_path)
+        extra = {TRAINING_CONFIG_NAME: json.dumps(hparams, indent=2, default=str)} if hparams else {}
+        extra = {**extra, DATA_CONFIG_NAME: json.dumps(data, indent=2)} if data else extra or None
     return export_model(model.eval(), output_dir, to=to, extra_files=extra, **options)
