@@ -111,9 +111,11 @@ def test_plain_lora_export_to_peft_loads_with_equal_logits(smollm2_folder, demo,
     theirs = PeftModel.from_pretrained(base, out).eval()
     processor = AutoProcessor.from_pretrained(out / "base")
     image = Image.fromarray((torch.rand(40, 56, 3, generator=torch.Generator().manual_seed(0)) * 255).byte().numpy())
-    # the prompt as training renders it: the tokenizer's ChatML template, <image> first in the user turn
-    messages = [{"role": "user", "content": "<image>\nWhat colour is the shape?"}]
-    prompt = processor.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    # llava-hf's content lists through the exported processor give the prompt training rendered (ChatML, <image> first)
+    content = [{"type": "image"}, {"type": "text", "text": "What colour is the shape?"}]
+    prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    trained_on = [{"role": "user", "content": "<image>\nWhat colour is the shape?"}]
+    assert prompt == processor.tokenizer.apply_chat_template(trained_on, tokenize=False, add_generation_prompt=True)
     inputs = processor(images=image, text=prompt, return_tensors="pt")
     assert int((inputs["input_ids"] == ours.image_token_id).sum()) == ours.num_image_tokens
     with torch.no_grad():
