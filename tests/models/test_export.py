@@ -185,3 +185,25 @@ def test_existing_folder_is_kept_unless_overwrite(real_folders, tmp_path):
     export_model(model, out, to="mole", overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_shipped_chat_template_takes_content_lists_and_renders_the_training_strings(real_folders):
+    from mole_lightning.data.templates import processor_chat_template
+    from mole_lightning.models.export import chat_template
+    from mole_lightning.tokenization import load_tokenizer
+
+    qwen2 = load_tokenizer(str(real_folders["qwen2"]))  # a text-only ChatML template (data.template: tokenizer)
+    listed = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]},
+        {"role": "user", "content": "And its colour?"},
+    ]
+    as_trained = [
+        {"role": "user", "content": "<image>\nWhat is it?"},
+        {"role": "assistant", "content": "A cat."},
+        {"role": "user", "content": "And its colour?"},
+    ]
+    shipped = qwen2.apply_chat_template(listed, chat_template=chat_template(qwen2), tokenize=False)
+    assert shipped == qwen2.apply_chat_template(as_trained, tokenize=False)
+    llava = load_tokenizer(str(real_folders["llava_hf"]))  # a processor template that takes lists: shipped as it is
+    assert chat_template(llava) == processor_chat_template(llava)

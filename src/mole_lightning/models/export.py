@@ -31,6 +31,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import LlavaConfig
 
+from mole_lightning.constants import DEFAULT_IMAGE_TOKEN
 from mole_lightning.data.templates import processor_chat_template
 from mole_lightning.models.llava_mole import LlavaMoLE
 from mole_lightning.models.loading import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, save_adapters
@@ -165,12 +166,53 @@ def llava_hf_state_dict(model: LlavaMoLE, *, merge: bool) -> dict[str, torch.Ten
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
-def chat_template(tokenizer: Any) -> str:
-    """The chat template to ship: the tokenizer's processor template, else its own, else llava-hf's."""
+CONTENT_LIST_PRELUDE = (
+    "{%- set flat = namespace(messages=[]) -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['content'] is string -%}{%- set flat.messages = flat.messages + [message] -%}"
+    "{%- else -%}{%- set parts = namespace(images='', text='') -%}"
+    "{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' -%}{%- set parts.images = parts.images + IMAGE_TOKEN + '\\n' -%}"
+    "{%- elif item['type'] == 'text' -%}{%- set parts.text = parts.text + item['text'] -%}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- set flat.messages = flat.messages + [{'role': message['role'], 'content': parts.images + parts.text}] -%}"
+    "{%- endif -%}{%- endfor -%}"
+    "{%- set messages = flat.messages %}"
+)
+"""Jinja put before a text-only chat template so that a processor can render llava-hf content lists with it: each
+message's ``[{"type": "image"}, {"type": "text", ...}]`` becomes ``"<image>\\n" * images + text``, the string that
+training gave the template (``IMAGE_TOKEN`` is replaced by the model's image token)."""
+
+_PROBE = "mole-probe-question"
+
+
+def renders_content_lists(template: str, tokenizer: Any) -> bool:
+    """Whether ``template`` renders a llava-hf content list (``{"type": "text"}`` items) as its text.
+
+    A text-only template either fails on a list (``str + list``) or prints the list's Python repr.
+    """
+    probe = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": _PROBE}]}]
     try:
-        return processor_chat_template(tokenizer)
+        text = tokenizer.apply_chat_template(probe, chat_template=template, tokenize=False, add_generation_prompt=True)
+    except Exception:  # jinja2 raises TypeError, UndefinedError, TemplateError... on a list it cannot print
+        return False
+    return _PROBE in text and "'type'" not in text and '"type"' not in text
+
+
+def chat_template(tokenizer: Any, image_token: str = DEFAULT_IMAGE_TOKEN) -> str:
+    """The chat template to ship: the tokenizer's processor template, else its own, else llava-hf's.
+
+    A template that only takes string contents (the tokenizer's own, as ``data.template: tokenizer`` trains with,
+    also when saved as the folder's ``chat_template.jinja``) gets :data:`CONTENT_LIST_PRELUDE`, so the processor's
+    ``apply_chat_template`` on llava-hf content lists gives the prompt training saw.
+    """
+    try:
+        template = processor_chat_template(tokenizer)
     except ValueError:
-        return getattr(tokenizer, "chat_template", None) or LLAVA_HF_CHAT_TEMPLATE
+        template = getattr(tokenizer, "chat_template", None) or LLAVA_HF_CHAT_TEMPLATE
+    if renders_content_lists(template, tokenizer):
+        return template
+    return CONTENT_LIST_PRELUDE.replace("IMAGE_TOKEN", json.dumps(image_token)) + template
 
 
 def llava_hf_processor(model: LlavaMoLE) -> Any:
@@ -194,7 +236,7 @@ def llava_hf_processor(model: LlavaMoLE) -> Any:
         tokenizer=model.tokenizer,
         patch_size=int(tower.model.config.patch_size),
         vision_feature_select_strategy="default" if tower.num_prefix_tokens else "full",
-        chat_template=chat_template(model.tokenizer),
+        chat_template=chat_template(model.tokenizer, model.tokenizer.convert_ids_to_tokens(model.image_token_id)),
         image_token=model.tokenizer.convert_ids_to_tokens(model.image_token_id),
         num_additional_image_tokens=1 if has_cls else 0,
     )
