@@ -102,7 +102,7 @@ def test_llava_hf_merged_from_llava_hf_folder_matches_transformers(real_folders,
 
 
 @pytest.mark.parametrize("source", ["llava_hf", "vicuna_clip", "llava_hf_mlp_rank"])
-def test_peft_folder_matches_peft_model(source, real_folders, vicuna_clip_lora, tmp_path):
+def test_peft_folder_matches_peft_model(source, real_folders, vicuna_clip_lora, tmp_path, monkeypatch):
     from transformers import LlavaForConditionalGeneration
 
     from peft import PeftModel
@@ -112,9 +112,11 @@ def test_peft_folder_matches_peft_model(source, real_folders, vicuna_clip_lora, 
         mole = MoLEConfig(**LORA, mlp_rank=12) if source == "llava_hf_mlp_rank" else MoLEConfig(**LORA)
         model = randomize_adapters(load_llava_hf(real_folders["llava_hf"], mole=mole), seed=2)
         out = export_model(model, tmp_path / "peft", to="peft")
-    else:  # built from an LLM and a tower: the base is written beside the adapter
+    else:  # built from an LLM and a tower: the base is written beside the adapter, referred to as the output was given
         model = vicuna_clip_lora
-        out = export_model(model, tmp_path / "peft", to="peft", write_base=True)
+        monkeypatch.chdir(tmp_path)
+        out = export_model(model, "exports/peft", to="peft", write_base=True)
+        assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "exports/peft/base"
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8.0
     weights = load_file(str(out / "adapter_model.safetensors"))

@@ -432,9 +432,10 @@ def export_model(
             "would ship 4-bit weights; export the adapter with --to mole, or --to peft --base DIR (the full-precision "
             "llava-hf base), and merge onto the full-precision base"
         )
+    given = directory
     directory = Path(directory).absolute()
-    if write_base:
-        base = str(directory / BASE_DIR_NAME)
+    if write_base:  # as the output folder was given: a relative export stays valid when its parent folder moves
+        base = os.path.join(os.fspath(given), BASE_DIR_NAME)
     elif base is None:
         base = getattr(model, "base_model_name_or_path", None)
     if to == "peft" and base is None:
