@@ -134,7 +134,10 @@ def report_conversion(report: ConversionReport, source: str, out: str, read: int
         for entry in report.skipped:
             handle.write(json.dumps(entry, default=str) + "\n")
     print(f"{source}: wrote {report.written} of {read} records to {len(report.sizes)} shard(s)")
-    print(f"  urls: {report.brace_spec}")
+    if report.written:
+        print(f"  urls: {report.brace_spec}")
+    else:  # no shard was written: a URL here would name a file that does not exist
+        print(f"  no samples written: {'every record was skipped' if read else 'the input holds no records'}")
     if report.skipped:
         print(f"  skipped {len(report.skipped)} record(s): {json.dumps(report.skipped_by_reason())}")
         for entry in report.skipped[:5]:

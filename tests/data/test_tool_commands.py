@@ -106,3 +106,13 @@ def test_convert_llava_questions_command_line(tmp_path):
     (tmp_path / "none.jsonl").write_text(json.dumps(questions[2]) + "\n")
     none = run_tool("convert_llava_questions", "--questions", str(tmp_path / "none.jsonl"), *args[2:])
     assert none.returncode == 1 and "wrote 0 question(s)" in none.stdout
+
+
+def test_an_empty_llava_json_writes_no_shard_and_names_no_url(tmp_path):
+    (tmp_path / "empty.json").write_text("[]")
+    (tmp_path / "images").mkdir()
+    args = ["--json", str(tmp_path / "empty.json"), "--images", str(tmp_path / "images"), "--source", "general"]
+    result = run_tool("llava_to_shards", *args, "--out", str(tmp_path / "out"))
+    assert result.returncode == 1, result.stderr  # nothing written: not a success
+    assert "wrote 0 of 0 records to 0 shard(s)" in result.stdout and "the input holds no records" in result.stdout
+    assert "urls:" not in result.stdout and not list((tmp_path / "out").glob("*.tar"))

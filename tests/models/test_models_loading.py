@@ -241,3 +241,20 @@ def test_a_missing_relative_folder_is_local_for_every_loader(tmp_path, monkeypat
         load_projector(torch.nn.Linear(2, 2), "checkpoints/run/mm_projector.bin")
     with pytest.raises(FileNotFoundError, match="adapter folder 'exports/run/adapter' does not exist"):
         load_adapters(None, "exports/run/adapter")
+
+
+def test_llm_path_wins_over_llm_config_and_says_so(real_folders):
+    """A folder's LLM is loaded with its own config; ``llm_config`` beside it is ignored with a warning, and a
+    preset's own random-LLM config gives way to an ``llm_path`` without one."""
+    import warnings
+
+    from mole_lightning.models import TINY_CLIP_VISION_CONFIG, build_llava_mole, build_preset
+
+    folder = str(real_folders["vicuna"])
+    with pytest.warns(UserWarning, match=r"llm_path .* is loaded with its own config; llm_config .* is ignored"):
+        model = build_llava_mole(llm_path=folder, llm_config={"hidden_size": 8}, vision_config=TINY_CLIP_VISION_CONFIG)
+    with open(f"{folder}/config.json") as handle:
+        assert model.language_model.config.hidden_size == json.load(handle)["hidden_size"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        build_preset("tiny", llm_path=folder, mole=None)  # the tiny preset's llm_config is dropped, silently

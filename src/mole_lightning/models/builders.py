@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -180,7 +181,8 @@ def build_llava_mole(
     Args:
         llm_path: LLM directory or hub id (``AutoModelForCausalLM``); its tokenizer is loaded from there too.
         llm_config: ``LlamaConfig`` fields for a random LLM when ``llm_path`` is ``None`` (``vocab_size`` defaults
-            to the tokenizer's size).
+            to the tokenizer's size). Beside an ``llm_path`` it is ignored, with a warning saying so: the folder's
+            weights and config win (a recipe's ``llm_config`` of a tiny preset under ``--model.architecture.llm_path``).
         tokenizer: a tokenizer object or a tokenizer directory; default: from ``llm_path``, or the byte-level
             :func:`tiny_tokenizer` for a config-built LLM.
         vision: ``"hf"`` (transformers CLIP/SigLIP) or ``"open_clip"``.
@@ -227,6 +229,12 @@ def build_llava_mole(
         prepare_tokenizer(tokenizer, image_token)
     image_token_id = int(tokenizer.convert_tokens_to_ids(image_token))
 
+    if llm_path is not None and llm_config is not None:
+        warnings.warn(
+            f"llm_path {llm_path!r} is loaded with its own config; llm_config (fields of a random LLM) is ignored",
+            stacklevel=2,
+        )
+        llm_config = None
     if llm_path is None and llm_config is not None:
         llm_config = {"vocab_size": len(tokenizer), **llm_config}
         llm_config.setdefault("pad_token_id", tokenizer.pad_token_id)
@@ -345,5 +353,7 @@ def build_preset(
         kwargs["mole"] = mole
     if tokenizer is not None:
         kwargs["tokenizer"] = tokenizer
+    if overrides.get("llm_path") is not None and "llm_config" not in overrides:
+        kwargs.pop("llm_config", None)  # the folder replaces the preset's random LLM
     kwargs.update(overrides)
     return build_llava_mole(**kwargs)
