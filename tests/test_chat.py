@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -244,3 +245,19 @@ def test_loglikelihood_equals_training_loss(setup):
     targets = int((encoded["labels"][1:] != -100).sum())
     assert targets >= 2
     assert log_prob == pytest.approx(-float(out.loss) * targets, rel=1e-4)
+
+
+def test_llava_hf_folder_whose_template_cannot_render_exits_2_with_one_line(real_folders, tmp_path):
+    """A llava-hf folder shipping a text-only template (``'...' + message['content']``): llava-hf content lists make
+    it fail inside Jinja; the installed script says so in one line and exits 2."""
+    folder = tmp_path / "text-only-template"
+    shutil.copytree(real_folders["llava_hf"], folder)
+    (folder / "chat_template.jinja").write_text(
+        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    )
+    done = run_chat(["--llava-hf", str(folder), "--question", "Hi", "--device", "cpu", "--max-new-tokens", "2"])
+    assert done.returncode == 2, done.stderr
+    lines = [line for line in done.stderr.strip().splitlines() if not line.startswith("Loading weights")]  # progress
+    assert len(lines) == 1 and lines[0].startswith("mole-chat: error: the chat template of"), done.stderr
+    assert "cannot render this conversation (TypeError" in lines[0]

@@ -35,7 +35,7 @@ from mole_lightning.data import MixedInstructionDataModule
 from mole_lightning.data.collate import pad_token_id_of
 from mole_lightning.data.pipeline import make_collator
 from mole_lightning.data.samples import SampleEncoder
-from mole_lightning.data.templates import BadSampleError
+from mole_lightning.data.templates import BadSampleError, ChatTemplateError
 from mole_lightning.generation import generate_answers
 from mole_lightning.models import load_adapters, load_llava_hf
 from mole_lightning.models.loading import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
@@ -193,6 +193,8 @@ class Assistant:
                 encoded.append(self.encoder(raw, source="chat"))
             except BadSampleError as error:
                 raise InferenceError(describe_bad_sample(error, self.encoder.max_length)) from None
+            except ChatTemplateError as error:
+                raise InferenceError(str(error)) from None
         batch = make_collator(self.pad_token_id, generation=True)(encoded)
         return move_batch(batch, self.device)
 
@@ -224,6 +226,8 @@ class Assistant:
                 example = encoder(raw, source="score")
             except BadSampleError as error:
                 raise InferenceError(describe_bad_sample(error, encoder.max_length)) from None
+            except ChatTemplateError as error:
+                raise InferenceError(str(error)) from None
             # only the last reply is scored
             labels = example["labels"]
             learned = (labels != IGNORE_INDEX).nonzero().flatten().tolist()

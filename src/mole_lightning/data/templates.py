@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import torch
 
 from mole_lightning.constants import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX
@@ -52,6 +53,24 @@ CHATML_SYSTEM = "You are a helpful assistant."
 USER_ROLES = {"human": "user", "user": "user"}
 ASSISTANT_ROLES = {"gpt": "assistant", "assistant": "assistant"}
 SYSTEM_ROLES = {"system": "system"}
+
+
+class ChatTemplateError(ValueError):
+    """A Jinja chat template (the tokenizer's or the processor folder's) that cannot render a conversation, e.g. a
+    text-only template given content lists. Not a bad sample: every sample would fail alike."""
+
+
+def apply_jinja_template(tokenizer: Any, items: list[dict[str, Any]], generation: bool, **kwargs: Any) -> str:
+    """``tokenizer.apply_chat_template(items, tokenize=False, ...)``; a template that fails raises
+    :class:`ChatTemplateError` naming the tokenizer's folder and the template's error, in one line."""
+    try:
+        return tokenizer.apply_chat_template(items, tokenize=False, add_generation_prompt=generation, **kwargs)
+    except (TypeError, KeyError, AttributeError, jinja2.TemplateError) as error:
+        where = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
+        detail = " ".join(str(error).split())
+        raise ChatTemplateError(
+            f"the chat template of {where!r} cannot render this conversation ({type(error).__name__}: {detail})"
+        ) from None
 
 
 class BadSampleError(ValueError):
@@ -223,7 +242,7 @@ def render_tokenizer_chat_template(
         chat.insert(0, {"role": "system", "content": system_prompt})
 
     def render(items: list[dict[str, Any]], generation: bool) -> str:
-        return tokenizer.apply_chat_template(items, tokenize=False, add_generation_prompt=generation)
+        return apply_jinja_template(tokenizer, items, generation)
 
     text, spans = _render_with_reply_spans(chat, render, add_generation_prompt)
     return RenderedConversation(text, spans, len(text) if add_generation_prompt else None)
@@ -289,9 +308,7 @@ def render_processor_chat_template(
         chat.append({"role": message.role, "content": content})
 
     def render(items: list[dict[str, Any]], generation: bool) -> str:
-        return tokenizer.apply_chat_template(
-            items, chat_template=template, tokenize=False, add_generation_prompt=generation
-        )
+        return apply_jinja_template(tokenizer, items, generation, chat_template=template)
 
     text, spans = _render_with_reply_spans(chat, render, add_generation_prompt)
     eos = _special(tokenizer, "eos_token")
