@@ -71,7 +71,7 @@ def test_a_folder_without_a_tokenizer_is_one_line_naming_it_and_its_files(tmp_pa
 
 def test_a_tower_whose_geometry_disagrees_with_its_config_is_named(real_folders, tmp_path, monkeypatch):
     spec = ModelSpec(preset=None, llm_path=str(real_folders["vicuna"]), vision_name_or_path=str(real_folders["clip"]))
-    from mole_lightning.training import spec as spec_module
+    from mole_lightning.models import spec as spec_module
 
     geometry = spec.vision_geometry()
     wrong = spec_module.VisionGeometry(577, 336, geometry.image_mean, geometry.image_std)  # as if the config said 577

@@ -9,6 +9,7 @@ from mole_lightning.models.builders import (
     build_llava_mole,
     build_preset,
     build_vision_tower,
+    preset_kwargs,
 )
 from mole_lightning.models.llava_mole import LlavaMoLE, LlavaMoLEOutput
 from mole_lightning.models.loading import (
@@ -20,6 +21,7 @@ from mole_lightning.models.loading import (
     save_adapters,
 )
 from mole_lightning.models.projector import PROJECTOR_NAMES, MLPProjector, build_projector, projector_name
+from mole_lightning.models.spec import DTYPES, ModelSpec
 from mole_lightning.models.trainable import (
     clean_parameter_name,
     missing_trainable,
@@ -45,6 +47,9 @@ from mole_lightning.tokenization import (  # re-exported; their home is tokeniza
 )
 
 __all__ = [
+    "DTYPES",
+    "ModelSpec",
+    "preset_kwargs",
     "PRESETS",
     "PROJECTOR_NAMES",
     "TINY_CLIP_VISION_CONFIG",

@@ -314,6 +314,37 @@ PRESETS: dict[str, dict[str, Any]] = {
 """Named argument sets of :func:`build_llava_mole`."""
 
 
+def preset_kwargs(name: str | None, *, vision: VisionKind | None = None, **overrides: Any) -> dict[str, Any]:
+    """:func:`build_llava_mole` arguments of preset ``name`` (``None``: none) with ``overrides`` on top.
+
+    ``vision`` switches the tower kind: the tiny preset gets the tiny config of that kind (:data:`TINY_OPEN_CLIP_CONFIG`
+    or :data:`TINY_CLIP_VISION_CONFIG`, unless ``vision_config`` is overridden), the 7B preset ViT-L/14-336 of that
+    kind. An ``llm_path`` without an ``llm_config`` replaces the preset's random LLM.
+
+    Raises:
+        ValueError: an unknown preset.
+    """
+    kwargs: dict[str, Any] = {}
+    if name is not None:
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; available: {sorted(PRESETS)}")
+        kwargs = copy.deepcopy(PRESETS[name])
+    if vision is not None and vision != kwargs.get("vision", "hf"):
+        kwargs["vision"] = vision
+        if name == "tiny":
+            kwargs["vision_config"] = TINY_OPEN_CLIP_CONFIG if vision == "open_clip" else TINY_CLIP_VISION_CONFIG
+        elif name is not None:
+            kwargs.pop("vision_name_or_path", None)
+            if vision == "open_clip":
+                kwargs.update(vision_name_or_path="ViT-L-14-336-quickgelu", vision_pretrained="openai")
+    elif vision is not None:
+        kwargs["vision"] = vision
+    if overrides.get("llm_path") is not None and "llm_config" not in overrides:
+        kwargs.pop("llm_config", None)  # the folder replaces the preset's random LLM
+    kwargs.update(copy.deepcopy(overrides))
+    return kwargs
+
+
 def build_preset(
     name: str,
     *,
@@ -334,26 +365,15 @@ def build_preset(
     Args:
         name: ``"tiny"`` or ``"llava-1.5-7b"``.
         tokenizer: tokenizer object or directory (tiny: the LLM vocabulary follows its size).
-        vision: override the tower kind (tiny ``"open_clip"`` uses :data:`TINY_OPEN_CLIP_CONFIG`).
+        vision: override the tower kind (:func:`preset_kwargs`).
         mole: ``"preset"`` keeps the preset's MoLE config; ``None`` builds without adapters; or a ``MoLEConfig``.
         **overrides: other :func:`build_llava_mole` arguments.
     """
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; available: {sorted(PRESETS)}")
-    kwargs = copy.deepcopy(PRESETS[name])
-    if vision is not None and vision != kwargs.get("vision"):
-        kwargs["vision"] = vision
-        if name == "tiny":
-            kwargs["vision_config"] = TINY_OPEN_CLIP_CONFIG if vision == "open_clip" else TINY_CLIP_VISION_CONFIG
-        else:
-            kwargs.pop("vision_name_or_path", None)
-            if vision == "open_clip":
-                kwargs.update(vision_name_or_path="ViT-L-14-336-quickgelu", vision_pretrained="openai")
     if mole != "preset":
-        kwargs["mole"] = mole
+        overrides["mole"] = mole
+    kwargs = preset_kwargs(name, vision=vision, **overrides)
     if tokenizer is not None:
         kwargs["tokenizer"] = tokenizer
-    if overrides.get("llm_path") is not None and "llm_config" not in overrides:
-        kwargs.pop("llm_config", None)  # the folder replaces the preset's random LLM
-    kwargs.update(overrides)
     return build_llava_mole(**kwargs)

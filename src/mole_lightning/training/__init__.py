@@ -9,6 +9,8 @@
 - :class:`WarmupCosineLR`; :func:`export_checkpoint` (adapter safetensors + config for ``load_adapters``).
 """
 
+from mole_lightning.models import ModelSpec  # re-exported: its home is mole_lightning.models.spec
+from mole_lightning.models.vision import VisionGeometry, vision_geometry
 from mole_lightning.training.callbacks import (
     AtomicCheckpointIO,
     LearningRateLogger,
@@ -22,7 +24,6 @@ from mole_lightning.training.export import export_checkpoint, module_from_checkp
 from mole_lightning.training.module import MoLELightningModule
 from mole_lightning.training.schedules import WarmupCosineLR
 from mole_lightning.training.source_metrics import SourceLossMetric
-from mole_lightning.training.spec import ModelSpec, VisionGeometry, vision_geometry
 from mole_lightning.training.strategies import (
     MoLEFSDPStrategy,
     MoLEModelParallelStrategy,

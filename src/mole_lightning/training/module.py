@@ -26,13 +26,13 @@ from torch import nn
 from mole_lightning.constants import IGNORE_INDEX
 from mole_lightning.eval.tasks import task_generation_kwargs
 from mole_lightning.generation import generate_answers, prediction_records
-from mole_lightning.models import load_adapters, missing_trainable, select_trainable, trainable_names
+from mole_lightning.models import ModelSpec, load_adapters, missing_trainable, select_trainable, trainable_names
+from mole_lightning.models.vision import VisionGeometry
 from mole_lightning.peft import MoLEConfig, expert_counts_per_sample
 from mole_lightning.training.nonfinite import NonFiniteSteps
 from mole_lightning.training.optim import parameter_groups
 from mole_lightning.training.sharded_loading import shard_and_load
 from mole_lightning.training.source_metrics import SourceLossMetric
-from mole_lightning.training.spec import ModelSpec, VisionGeometry
 from mole_lightning.training.strategies import refuse_sharded_4bit
 from mole_lightning.training.throughput import parameter_counts, training_flops
 

@@ -7,14 +7,13 @@ CLI can link these values into the DataModule.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 
-from mole_lightning.models import PRESETS, TINY_OPEN_CLIP_CONFIG, build_llava_mole
+from mole_lightning.models.builders import build_llava_mole, preset_kwargs
 from mole_lightning.models.vision import VisionGeometry, vision_geometry
 from mole_lightning.peft import MoLEConfig
 from mole_lightning.peft.quantization import Quantize, check_quantize
@@ -76,23 +75,13 @@ class ModelSpec:
 
         ``mole`` is not included (it comes from the preset and is replaced by the module's ``mole`` argument).
         """
-        kwargs: dict[str, Any] = {}
-        if self.preset is not None:
-            if self.preset not in PRESETS:
-                raise ValueError(f"unknown model preset {self.preset!r}; available: {sorted(PRESETS)}")
-            kwargs = copy.deepcopy(PRESETS[self.preset])
+        overrides: dict[str, Any] = {}
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if field.name == "preset" or value is None:
+            if field.name in ("preset", "vision") or value is None:
                 continue
-            if field.name == "dtype":
-                value = DTYPES[value]
-            kwargs[field.name] = copy.deepcopy(value)
-        if self.vision == "open_clip" and self.preset == "tiny" and self.vision_config is None:
-            kwargs["vision_config"] = copy.deepcopy(TINY_OPEN_CLIP_CONFIG)
-        if "llm_path" in kwargs and self.llm_config is None and self.llm_path is not None:
-            kwargs.pop("llm_config", None)
-        return kwargs
+            overrides[field.name] = DTYPES[value] if field.name == "dtype" else value
+        return preset_kwargs(self.preset, vision=self.vision, **overrides)
 
     def preset_mole(self) -> dict[str, Any] | None:
         """The preset's MoLE settings (``None`` without preset or when the preset has none)."""
@@ -140,4 +129,4 @@ class ModelSpec:
         )
 
 
-__all__ = ["DTYPES", "ModelSpec", "VisionGeometry", "vision_geometry"]
+__all__ = ["DTYPES", "ModelSpec"]
