@@ -60,6 +60,16 @@ def load_checkpoint_state(module: MoLELightningModule, checkpoint: dict[str, Any
     return module.load_state_dict(state, strict=False)
 
 
+def data_chat_settings(path: str | os.PathLike) -> dict[str, Any]:
+    """``{"template": ..., "system_prompt": ...}`` of the run's data module as a ``.ckpt`` file records them
+    (Lightning's ``datamodule_hyper_parameters``); ``{}`` for a folder or a checkpoint without them."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    data = read_checkpoint(path).get("datamodule_hyper_parameters") or {}
+    return {name: data[name] for name in ("template", "system_prompt") if name in data}
+
+
 def load_trained_model(path: str | os.PathLike) -> tuple[LlavaMoLE, dict[str, Any] | None]:
     """The trained model of a ``.ckpt`` file or of a ``mole`` adapter export folder, with the run's
     hyper-parameters when known.
@@ -101,12 +111,14 @@ def export_checkpoint(
         output_dir: Export directory (must be empty or absent unless ``overwrite=True``).
         to: ``"mole"``, ``"peft"`` or ``"llava-hf"``.
         **options: :func:`mole_lightning.models.export.export_model` options (``merge``, ``base``,
-            ``write_base``, ``overwrite``).
+            ``write_base``, ``overwrite``, ``template``, ``system_prompt``); ``template`` and ``system_prompt``
+            default to the run's data settings recorded in the checkpoint (:func:`data_chat_settings`).
 
     Returns:
         The export directory.
     """
     check_destination(output_dir, overwrite=options.get("overwrite", False))  # fail before loading anything
     model, hparams = load_trained_model(checkpoint_path)
+    options = {**data_chat_settings(checkpoint_path), **{k: v for k, v in options.items() if v is not None}}
     extra = {TRAINING_CONFIG_NAME: json.dumps(hparams, indent=2, default=str)} if to == "mole" and hparams else None
     return export_model(model.eval(), output_dir, to=to, extra_files=extra, **options)
