@@ -327,3 +327,36 @@ def test_greedy_answer_with_image_equals_ours(exported_per_template, template):
         ids = hf.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False)
     theirs = processor.batch_decode(ids[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert [answer.strip() for answer in theirs] == ours
+
+
+def test_mole_k3_with_written_base_reloads_with_equal_logits(real_folders, tmp_path):
+    from safetensors import safe_open
+
+    torch.manual_seed(6)
+    model = build_llava_mole(
+        llm_path=str(real_folders["vicuna"]),
+        vision_name_or_path=str(real_folders["clip"]),
+        projector_path=str(real_folders["mm_projector"]),
+        mole=MoLEConfig(num_experts=3, rank=4, alpha=8.0),
+    )
+    model = randomize_adapters(model, seed=6)
+    out = export_model(model, tmp_path / "mole", to="mole", write_base=True)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(out / "base")
+    names = []
+    for file in (out / "base").glob("*.safetensors"):
+        with safe_open(str(file), "pt") as handle:
+            names += list(handle.keys())
+    assert any("mlp.gate_proj.weight" in name for name in names)
+    assert not [name for name in names if "lora_" in name or "router" in name]
+
+    reloaded = load_llava_hf(config["base_model_name_or_path"], adapter=out).eval()
+    assert len(list(iter_routers(reloaded))) == 2
+    ids = torch.randint(3, 500, (2, 590), generator=torch.Generator().manual_seed(0))
+    ids[0, 2 : 2 + model.num_image_tokens] = model.image_token_id
+    pixels = torch.randn(1, 3, 336, 336, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours, theirs = model(ids, pixel_values=pixels).logits, reloaded(ids, pixel_values=pixels).logits
+        base_only = load_llava_hf(config["base_model_name_or_path"]).eval()(ids, pixel_values=pixels).logits
+    torch.testing.assert_close(theirs, ours)
+    assert (base_only - ours).abs().max() > 1e-2  # the experts matter: the base alone differs
