@@ -19,8 +19,8 @@ Formats (``--to``):
 The input is a ``.ckpt`` file or a ``mole`` export folder. ``--base`` names the llava-hf folder a ``mole``/``peft``
 export refers to; ``--write-base`` writes the frozen base (llava-hf layout, any K: adapters and routers left out)
 into ``OUT/base`` instead. A llava-hf folder's processor ships a chat template that renders llava-hf content lists
-(``{"type": "image"}``, ``{"type": "text"}``) as the run's ``data.template`` did (``vicuna_v1``, ``processor`` or
-``tokenizer``, read from the checkpoint; ``--template`` / ``--system-prompt`` override it). The export is
+(``{"type": "image"}``, ``{"type": "text"}``) as the run's ``data.template`` did (``vicuna_v1``, ``tokenizer``,
+``processor``, ...: read from the checkpoint; ``--template`` / ``--system-prompt`` override it). The export is
 written to a temporary folder and renamed into place; a non-empty ``--out`` is replaced only with ``--overwrite``.
 Prints each file written with its size; on failure prints one line naming the problem and exits with status 1.
 """

@@ -220,8 +220,8 @@ def test_image(seed: int = 0):
 
 @pytest.fixture(scope="module")
 def exported_per_template(real_folders, vicuna_clip_lora, tmp_path_factory):
-    """``{data.template: (model, llava-hf folder)}``: vicuna_v1 on vicuna + CLIP, processor on the llava-hf folder,
-    tokenizer on the Qwen2 ChatML stand-in + CLIP; K = 1, merged."""
+    """``{data.template: (model, llava-hf folder)}``: vicuna_v1 and plain on vicuna + CLIP, processor on the llava-hf
+    folder, tokenizer, chatml and llama3 on the Qwen2 ChatML stand-in + CLIP; K = 1, merged."""
     torch.manual_seed(4)
     processor_model = randomize_adapters(load_llava_hf(real_folders["llava_hf"], mole=MoLEConfig(**LORA)), seed=4)
     chatml_model = build_llava_mole(
@@ -230,17 +230,15 @@ def exported_per_template(real_folders, vicuna_clip_lora, tmp_path_factory):
     chatml_model = randomize_adapters(chatml_model, seed=5)
     root = tmp_path_factory.mktemp("templates")
     exports = {}
-    for template, model in (
-        ("vicuna_v1", vicuna_clip_lora),
-        ("processor", processor_model),
-        ("tokenizer", chatml_model),
-    ):
+    pairs = [("vicuna_v1", vicuna_clip_lora), ("processor", processor_model), ("tokenizer", chatml_model)]
+    pairs += [("chatml", chatml_model), ("llama3", chatml_model), ("plain", vicuna_clip_lora)]
+    for template, model in pairs:
         exports[template] = model, export_model(model, root / template, to="llava-hf", merge=True, template=template)
     return exports
 
 
 @pytest.mark.parametrize("conversation", sorted(CONVERSATIONS))
-@pytest.mark.parametrize("template", ["vicuna_v1", "processor", "tokenizer"])
+@pytest.mark.parametrize("template", ["vicuna_v1", "processor", "tokenizer", "chatml", "llama3", "plain"])
 def test_processor_chat_template_gives_the_trained_prompt(exported_per_template, template, conversation):
     from transformers import AutoProcessor
 

@@ -32,7 +32,14 @@ from safetensors.torch import save_file
 from transformers import LlavaConfig
 
 from mole_lightning.constants import DEFAULT_IMAGE_TOKEN
-from mole_lightning.data.templates import VICUNA_V1_SYSTEM, encode_prompt, processor_chat_template
+from mole_lightning.data.templates import (
+    CHATML_SYSTEM,
+    LLAMA3_SYSTEM,
+    VICUNA_V1_SYSTEM,
+    _special,
+    encode_prompt,
+    processor_chat_template,
+)
 from mole_lightning.models.llava_mole import LlavaMoLE
 from mole_lightning.models.loading import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, save_adapters
 from mole_lightning.models.projector import MLPProjector, projector_name
@@ -170,7 +177,7 @@ def llava_hf_state_dict(model: LlavaMoLE, *, merge: bool) -> dict[str, torch.Ten
 
 
 # ------------------------------------------------------------------------------------------------ chat template
-CHAT_TEMPLATES = ("vicuna_v1", "processor", "tokenizer")
+CHAT_TEMPLATES = ("vicuna_v1", "llama3", "chatml", "plain", "tokenizer", "processor")
 """``data.template`` values a llava-hf export can ship a chat template for (see :func:`llava_hf_chat_template`)."""
 
 
@@ -207,21 +214,77 @@ def _system_prelude(system_prompt: str | None, as_list: bool) -> str:
     )
 
 
-def _vicuna_template(image_text: str, system_prompt: str | None, eos: str) -> str:
+def _system_choice(default: str) -> str:
+    """Jinja setting ``mole_system``: the leading system message's text, else ``default`` (the run's system prompt
+    or the template's own)."""
+    return (
+        "{%- if messages and messages[0]['role'] == 'system' -%}"
+        "{%- set mole_system = mole_content(messages[0]['content']) -%}"
+        "{%- else -%}{%- set mole_system = " + _jinja_string(default) + " -%}{%- endif -%}"
+    )
+
+
+def _turns(user: str, assistant: str, generation: str) -> str:
+    """Jinja rendering every non-system message with ``user`` / ``assistant`` (Jinja expressions of ``text``) and,
+    with ``add_generation_prompt``, the literal ``generation``."""
+    return (
+        "{%- for message in messages if message['role'] != 'system' -%}"
+        "{%- set text = mole_content(message['content']) -%}"
+        "{%- if message['role'] == 'user' -%}{{ " + user + " }}{%- else -%}{{ " + assistant + " }}{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ " + _jinja_string(generation) + " }}{%- endif -%}"
+    )
+
+
+def _vicuna_template(image_text: str, system_prompt: str | None, tokenizer: Any) -> str:
     """:func:`~mole_lightning.data.templates.render_vicuna_v1` in Jinja:
     ``{system} USER: <image>\\n{q} ASSISTANT: {a}</s>USER: {q2} ASSISTANT:``."""
-    system = _jinja_string(VICUNA_V1_SYSTEM if system_prompt is None else system_prompt)
+    eos = _jinja_string(_special(tokenizer, "eos_token", "</s>"))
     return (
         _content_macro(image_text)
-        + "{%- if messages and messages[0]['role'] == 'system' -%}{{ mole_content(messages[0]['content']) + ' ' }}"
-        + "{%- else -%}{{ "
-        + system
-        + " + ' ' }}{%- endif -%}"
-        "{%- for message in messages if message['role'] != 'system' -%}"
-        "{%- if message['role'] == 'user' -%}{{ 'USER: ' + mole_content(message['content']) + ' ' }}"
-        "{%- else -%}{{ 'ASSISTANT: ' + mole_content(message['content']) + " + _jinja_string(eos) + " }}"
+        + _system_choice(VICUNA_V1_SYSTEM if system_prompt is None else system_prompt)
+        + "{{ mole_system + ' ' }}"
+        + _turns("'USER: ' + text + ' '", "'ASSISTANT: ' + text + " + eos, "ASSISTANT:")
+    )
+
+
+def _chatml_template(image_text: str, system_prompt: str | None, tokenizer: Any) -> str:
+    """:func:`~mole_lightning.data.templates.render_chatml` in Jinja: ``<|im_start|>role\\n{text}<|im_end|>\\n``."""
+    block = "'<|im_start|>' + message['role'] + '\\n' + text + '<|im_end|>\\n'"
+    return (
+        _content_macro(image_text)
+        + _system_choice(CHATML_SYSTEM if system_prompt is None else system_prompt)
+        + "{%- if mole_system -%}{{ '<|im_start|>system\\n' + mole_system + '<|im_end|>\\n' }}{%- endif -%}"
+        + _turns(block, block, "<|im_start|>assistant\n")
+    )
+
+
+def _llama3_template(image_text: str, system_prompt: str | None, tokenizer: Any) -> str:
+    """:func:`~mole_lightning.data.templates.render_llama3` in Jinja: BOS, then
+    ``<|start_header_id|>role<|end_header_id|>\\n\\n{text}<|eot_id|>`` blocks."""
+    block = "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + text + '<|eot_id|>'"
+    return (
+        _content_macro(image_text)
+        + _system_choice(LLAMA3_SYSTEM if system_prompt is None else system_prompt)
+        + "{{ "
+        + _jinja_string(_special(tokenizer, "bos_token"))
+        + " }}"
+        + "{%- if mole_system -%}"
+        "{{ '<|start_header_id|>system<|end_header_id|>\\n\\n' + mole_system + '<|eot_id|>' }}{%- endif -%}"
+        + _turns(block, block, "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    )
+
+
+def _plain_template(image_text: str, system_prompt: str | None, tokenizer: Any) -> str:
+    """:func:`~mole_lightning.data.templates.render_plain` in Jinja: the first user message's image placeholder
+    only (stage-1 captioning drops the question); the model continues with a caption."""
+    return (
+        "{%- for message in messages if message['role'] == 'user' -%}{%- if loop.first -%}"
+        "{%- for item in message['content'] if item is not string and item['type'] == 'image' -%}"
+        "{{ " + _jinja_string(image_text) + " }}{%- endfor -%}"
+        "{%- if message['content'] is string and " + _jinja_string(image_text) + " in message['content'] -%}"
+        "{{ " + _jinja_string(image_text) + " }}{%- endif -%}"
         "{%- endif -%}{%- endfor -%}"
-        "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}"
     )
 
 
@@ -304,6 +367,8 @@ def llava_hf_chat_template(
       tokenizes each ``<image>``-separated chunk on its own (LLaVA's ``tokenizer_image_token``), so a SentencePiece
       tokenizer with ``legacy: false`` puts a ``▁`` before the ``\\n`` that whole-text tokenization does not; the
       template then writes ``"<image> \\n"``, which the processor tokenizes to the trained ids.
+    - ``llama3``, ``chatml``: their blocks with the run's (or the template's default) system prompt.
+    - ``plain`` (stage-1 captioning): the image placeholder only; the model continues with a caption.
     - ``processor``: the tokenizer folder's processor template (``chat_template.json`` / ``.jinja``).
     - ``tokenizer``: the tokenizer's own Jinja template behind a prelude turning content lists into the strings
       training gave it (``"<image>\\n{q}"``).
@@ -313,13 +378,15 @@ def llava_hf_chat_template(
         image_token: the tokenizer's image token (default ``<image>``).
 
     Raises:
-        ExportError: another template, a ``processor``/``tokenizer`` template the tokenizer lacks, or a template
-            whose processor prompt differs from training's.
+        ExportError: an unknown template, a ``processor``/``tokenizer`` template the tokenizer lacks, or a template
+            whose processor prompt differs from training's (e.g. a tokenizer that adds BOS to a template without it).
     """
     image_token = image_token or DEFAULT_IMAGE_TOKEN
-    if data_template == "vicuna_v1":
-        eos = getattr(tokenizer, "eos_token", None) or "</s>"
-        candidates = [_vicuna_template(image_token + sep, system_prompt, eos) for sep in ("\n", " \n")]
+    if data_template in _RENDERED_TEMPLATES:
+        build = _RENDERED_TEMPLATES[data_template]
+        # what follows <image>: the "\n" training puts there; vicuna_v1 may need " \n" (see above); plain drops it
+        separators = {"vicuna_v1": ("\n", " \n"), "plain": ("",)}.get(data_template, ("\n",))
+        candidates = [build(image_token + sep, system_prompt, tokenizer) for sep in separators]
     elif data_template == "processor":
         try:
             candidates = [_system_prelude(system_prompt, as_list=True) + processor_chat_template(tokenizer)]
@@ -332,8 +399,7 @@ def llava_hf_chat_template(
         candidates = [_flattening_template(image_token, own, system_prompt)]
     else:
         raise ExportError(
-            f"a llava-hf export ships a chat template for data.template in {CHAT_TEMPLATES}, not {data_template!r}; "
-            "export with --to mole"
+            f"unknown data.template {data_template!r} for the llava-hf chat template; expected one of {CHAT_TEMPLATES}"
         )
     for template in candidates:
         if _renders_as_trained(template, tokenizer, data_template, system_prompt):
@@ -342,6 +408,15 @@ def llava_hf_chat_template(
         f"the processor's apply_chat_template cannot reproduce the {data_template!r} prompts training used with this "
         "tokenizer; export with --to mole"
     )
+
+
+_RENDERED_TEMPLATES = {
+    "vicuna_v1": _vicuna_template,
+    "llama3": _llama3_template,
+    "chatml": _chatml_template,
+    "plain": _plain_template,
+}
+"""Built-in templates written as Jinja here (``processor`` and ``tokenizer`` reuse the tokenizer's templates)."""
 
 
 def default_chat_template_name(tokenizer: Any) -> str:
