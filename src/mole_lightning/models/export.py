@@ -7,7 +7,10 @@
   ``modules_to_save`` entry.
 - ``llava-hf`` (:func:`save_llava_hf`): a ``LlavaForConditionalGeneration`` folder (config, safetensors, tokenizer,
   ``LlavaProcessor`` files) that transformers, vLLM and SGLang load; plain LoRA (K = 1) is merged into the base
-  weights, ``W + (alpha / r) (A B)^T``. Routed experts (K > 1) cannot be merged: routing is per token.
+  weights, ``W + (alpha / r) (A B)^T``. Routed experts (K > 1) cannot be merged: routing is per token. Its
+  processor's chat template (:func:`llava_hf_chat_template`) renders llava-hf content lists as the run's
+  ``data.template`` rendered training prompts, token for token.
+- ``write_base`` (any K): the frozen base as llava-hf, without LoRA, expert or router tensors.
 
 A model over a 4-bit base (QLoRA) exports its adapter (``mole``, ``peft`` with ``base``); ``llava-hf`` and
 ``write_base`` are refused: they would write the 4-bit weights, not the full-precision base the adapter belongs on.
