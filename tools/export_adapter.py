@@ -17,7 +17,10 @@ Formats (``--to``):
   transformers, vLLM, SGLang.
 
 The input is a ``.ckpt`` file or a ``mole`` export folder. ``--base`` names the llava-hf folder a ``mole``/``peft``
-export refers to; ``--write-base`` writes the frozen base (llava-hf layout) into ``OUT/base`` instead. The export is
+export refers to; ``--write-base`` writes the frozen base (llava-hf layout, any K: adapters and routers left out)
+into ``OUT/base`` instead. A llava-hf folder's processor ships a chat template that renders llava-hf content lists
+(``{"type": "image"}``, ``{"type": "text"}``) as the run's ``data.template`` did (``vicuna_v1``, ``tokenizer``,
+``processor``, ...: read from the checkpoint; ``--template`` / ``--system-prompt`` override it). The export is
 written to a temporary folder and renamed into place; a non-empty ``--out`` is replaced only with ``--overwrite``.
 Prints each file written with its size; on failure prints one line naming the problem and exits with status 1.
 """
@@ -28,7 +31,7 @@ import argparse
 import os
 import sys
 
-from mole_lightning.models.export import EXPORT_FORMATS, check_destination, file_sizes, human_size
+from mole_lightning.models.export import CHAT_TEMPLATES, EXPORT_FORMATS, check_destination, file_sizes, human_size
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,6 +44,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--base", help="mole/peft: the llava-hf base folder or hub id to refer to")
     parser.add_argument("--write-base", action="store_true", help="mole/peft: write the base as llava-hf to OUT/base")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    parser.add_argument(
+        "--template",
+        choices=CHAT_TEMPLATES,
+        help="llava-hf / --write-base: the data.template whose prompts the chat template renders (default: the "
+        "checkpoint's)",
+    )
+    parser.add_argument(
+        "--system-prompt", help="llava-hf / --write-base: the data.system_prompt (default: the checkpoint's)"
+    )
     return parser
 
 
@@ -61,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
             base=args.base,
             write_base=args.write_base,
             overwrite=args.overwrite,
+            template=args.template,
+            system_prompt=args.system_prompt,
         )
     except (OSError, ValueError, KeyError, NotImplementedError) as error:
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

@@ -189,9 +189,182 @@ def test_existing_folder_is_kept_unless_overwrite(real_folders, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+# ------------------------------------------------------------------------------------------- shipped chat template
+CONVERSATIONS = {
+    "image": [{"from": "human", "value": "<image>\nWhat is in the picture?"}],
+    "text": [{"from": "human", "value": "Describe the document."}],
+    "two_turns": [
+        {"from": "human", "value": "<image>\nWhat color is the circle?"},
+        {"from": "gpt", "value": "It is blue."},
+        {"from": "human", "value": "How many shapes are there?"},
+    ],
+}
+
+
+def llava_messages(conversation, image=None):
+    """LLaVA turns as llava-hf messages: ``[{"type": "image", "image": PIL}, {"type": "text", "text": q}]``."""
+    messages = []
+    for turn in conversation:
+        text = turn["value"]
+        content = []
+        if "<image>" in text:
+            content.append({"type": "image", "image": image})
+            text = text.replace("<image>", "").strip()
+        content.append({"type": "text", "text": text})
+        messages.append({"role": "user" if turn["from"] == "human" else "assistant", "content": content})
+    return messages
+
+
+def test_image(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return Image.fromarray((torch.rand(280, 360, 3, generator=g) * 255).to(torch.uint8).numpy())
+
+
+@pytest.fixture(scope="module")
+def exported_per_template(real_folders, vicuna_clip_lora, tmp_path_factory):
+    """``{data.template: (model, llava-hf folder)}``: vicuna_v1 and plain on vicuna + CLIP, processor on the llava-hf
+    folder, tokenizer, chatml and llama3 on the Qwen2 ChatML stand-in + CLIP; K = 1, merged."""
+    torch.manual_seed(4)
+    processor_model = randomize_adapters(load_llava_hf(real_folders["llava_hf"], mole=MoLEConfig(**LORA)), seed=4)
+    chatml_model = build_llava_mole(
+        llm_path=str(real_folders["qwen2"]), vision_name_or_path=str(real_folders["clip"]), mole=MoLEConfig(**LORA)
+    )
+    chatml_model = randomize_adapters(chatml_model, seed=5)
+    root = tmp_path_factory.mktemp("templates")
+    exports = {}
+    pairs = [("vicuna_v1", vicuna_clip_lora), ("processor", processor_model), ("tokenizer", chatml_model)]
+    pairs += [("chatml", chatml_model), ("llama3", chatml_model), ("plain", vicuna_clip_lora)]
+    for template, model in pairs:
+        exports[template] = model, export_model(model, root / template, to="llava-hf", merge=True, template=template)
+    return exports
+
+
+@pytest.mark.parametrize("conversation", sorted(CONVERSATIONS))
+@pytest.mark.parametrize("template", ["vicuna_v1", "processor", "tokenizer", "chatml", "llama3", "plain"])
+def test_processor_chat_template_gives_the_trained_prompt(exported_per_template, template, conversation):
+    from transformers import AutoProcessor
+
+    from mole_lightning.data.templates import encode_prompt
+
+    model, out = exported_per_template[template]
+    processor = AutoProcessor.from_pretrained(out)
+    turns = CONVERSATIONS[conversation]
+    theirs = processor.apply_chat_template(
+        llava_messages(turns, test_image()),
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+    )
+    ours = encode_prompt(turns, model.tokenizer, template, num_image_tokens=model.num_image_tokens)["input_ids"]
+    assert theirs["input_ids"][0].tolist() == ours.tolist()
+    assert ("pixel_values" in theirs) == ("<image>" in turns[0]["value"])
+
+
+def test_vicuna_template_keeps_llava_tokenization_and_system_prompt(real_folders, tmp_path):
+    """legacy false: LLaVA tokenizes the chunk after <image> alone ('▁' + '\\n'); the shipped template gives the
+    same ids through whole-text tokenization. A run's system prompt is the default of the shipped template."""
+    from transformers import AutoProcessor
+
+    from mole_lightning.data.templates import encode_prompt
+
+    model = build_llava_mole(
+        llm_path=str(real_folders["vicuna"]),
+        vision_name_or_path=str(real_folders["clip"]),
+        projector_path=str(real_folders["mm_projector"]),
+    )
+    system = "Answer in one word."
+    out = export_model(model, tmp_path / "hf", to="llava-hf", template="vicuna_v1", system_prompt=system)
+    processor = AutoProcessor.from_pretrained(out)
+    turns = CONVERSATIONS["image"]
+    prompt = processor.apply_chat_template(llava_messages(turns), add_generation_prompt=True)
+    assert prompt.startswith(system + " USER: <image>")
+    theirs = processor(images=test_image(), text=prompt, return_tensors="pt")["input_ids"][0]
+    ours = encode_prompt(turns, model.tokenizer, "vicuna_v1", num_image_tokens=576, system_prompt=system)
+    assert theirs.tolist() == ours["input_ids"].tolist()
+    assert "<image> \n" in prompt  # legacy false: the space gives the '▁' LLaVA's chunked tokenization puts there
+    naive = model.tokenizer(prompt.replace("<image> \n", "<image>" * 576 + "\n"))["input_ids"]
+    assert naive != ours["input_ids"].tolist()  # llava-hf's "<image>\n" would not be what training saw
+
+
+@pytest.mark.parametrize("template", ["vicuna_v1", "processor", "tokenizer"])
+def test_greedy_answer_with_image_equals_ours(exported_per_template, template):
+    import io
+
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from mole_lightning.data.samples import SampleEncoder
+    from mole_lightning.inference import precision_plugin, ready
+
+    model, out = exported_per_template[template]
+    tower = model.vision_tower
+    encoder = SampleEncoder(
+        tokenizer=model.tokenizer,
+        template=template,
+        num_image_tokens=model.num_image_tokens,
+        image_size=tower.image_size,
+        image_mean=tower.image_mean,
+        image_std=tower.image_std,
+        image_aspect="crop",  # the llava-hf processor resizes the shortest side and centre-crops
+        mode="generate",
+    )
+    cpu = torch.device("cpu")
+    assistant = ready(model, encoder, precision_plugin(None, cpu), cpu)
+    image = test_image(1)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    turns = CONVERSATIONS["image"]
+    batch = assistant.encode([(turns, buffer.getvalue())])
+    ours = assistant.generate(batch, max_new_tokens=6, min_new_tokens=6)
+
+    hf = LlavaForConditionalGeneration.from_pretrained(out, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(out)
+    inputs = processor.apply_chat_template(
+        llava_messages(turns, image), add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    assert inputs["input_ids"].tolist() == batch["input_ids"].tolist()
+    with torch.no_grad():
+        ids = hf.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    theirs = processor.batch_decode(ids[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert [answer.strip() for answer in theirs] == ours
+
+
+def test_mole_k3_with_written_base_reloads_with_equal_logits(real_folders, tmp_path):
+    from safetensors import safe_open
+
+    torch.manual_seed(6)
+    model = build_llava_mole(
+        llm_path=str(real_folders["vicuna"]),
+        vision_name_or_path=str(real_folders["clip"]),
+        projector_path=str(real_folders["mm_projector"]),
+        mole=MoLEConfig(num_experts=3, rank=4, alpha=8.0),
+    )
+    model = randomize_adapters(model, seed=6)
+    out = export_model(model, tmp_path / "mole", to="mole", write_base=True)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(out / "base")
+    names = []
+    for file in (out / "base").glob("*.safetensors"):
+        with safe_open(str(file), "pt") as handle:
+            names += list(handle.keys())
+    assert any("mlp.gate_proj.weight" in name for name in names)
+    assert not [name for name in names if "lora_" in name or "router" in name]
+
+    reloaded = load_llava_hf(config["base_model_name_or_path"], adapter=out).eval()
+    assert len(list(iter_routers(reloaded))) == 2
+    ids = torch.randint(3, 500, (2, 590), generator=torch.Generator().manual_seed(0))
+    ids[0, 2 : 2 + model.num_image_tokens] = model.image_token_id
+    pixels = torch.randn(1, 3, 336, 336, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours, theirs = model(ids, pixel_values=pixels).logits, reloaded(ids, pixel_values=pixels).logits
+        base_only = load_llava_hf(config["base_model_name_or_path"]).eval()(ids, pixel_values=pixels).logits
+    torch.testing.assert_close(theirs, ours)
+    assert (base_only - ours).abs().max() > 1e-2  # the experts matter: the base alone differs
+
+
 def test_shipped_chat_template_takes_content_lists_and_renders_the_training_strings(real_folders):
     from mole_lightning.data.templates import processor_chat_template
-    from mole_lightning.models.export import chat_template
+    from mole_lightning.models.export import llava_hf_chat_template
     from mole_lightning.tokenization import load_tokenizer
 
     qwen2 = load_tokenizer(str(real_folders["qwen2"]))  # a text-only ChatML template (data.template: tokenizer)
@@ -205,7 +378,9 @@ def test_shipped_chat_template_takes_content_lists_and_renders_the_training_stri
         {"role": "assistant", "content": "A cat."},
         {"role": "user", "content": "And its colour?"},
     ]
-    shipped = qwen2.apply_chat_template(listed, chat_template=chat_template(qwen2), tokenize=False)
+    shipped = qwen2.apply_chat_template(
+        listed, chat_template=llava_hf_chat_template(qwen2, "tokenizer", None, "<image>"), tokenize=False
+    )
     assert shipped == qwen2.apply_chat_template(as_trained, tokenize=False)
     llava = load_tokenizer(str(real_folders["llava_hf"]))  # a processor template that takes lists: shipped as it is
-    assert chat_template(llava) == processor_chat_template(llava)
+    assert llava_hf_chat_template(llava, "processor", None, "<image>") == processor_chat_template(llava)

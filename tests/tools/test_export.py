@@ -24,8 +24,10 @@ TOOL = ROOT / "tools" / "export_adapter.py"
 DATA_SETTINGS = {"template": "vicuna_v1", "system_prompt": None, "max_length": 512, "image_aspect": "pad"}
 
 
-def write_checkpoint(real_folders, path: Path, num_experts: int) -> MoLELightningModule:
-    """A checkpoint as mole-train writes it (trainable tensors only) of vicuna + CLIP-336 with non-zero adapters."""
+def write_checkpoint(real_folders, path: Path, num_experts: int, data: dict | None = None) -> MoLELightningModule:
+    """A checkpoint as mole-train writes it (trainable tensors only) of vicuna + CLIP-336 with non-zero adapters;
+    ``data``: the data module's hyper-parameters Lightning records beside the module's (default: vicuna_v1, 512
+    tokens, pad)."""
     spec = ModelSpec(preset=None, llm_path=str(real_folders["vicuna"]), vision_name_or_path=str(real_folders["clip"]))
     module = MoLELightningModule(architecture=spec, mole=MoLEConfig(num_experts=num_experts, rank=4, alpha=8.0))
     module.configure_model()
@@ -35,7 +37,7 @@ def write_checkpoint(real_folders, path: Path, num_experts: int) -> MoLELightnin
             if name.endswith("lora_B") or name.startswith("projector."):
                 param.add_(0.2 * torch.randn(param.shape, generator=g))
     checkpoint = {"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}
-    checkpoint["datamodule_hyper_parameters"] = {**DATA_SETTINGS, "batch_size": 2}  # as Lightning saves them
+    checkpoint["datamodule_hyper_parameters"] = data if data is not None else {**DATA_SETTINGS, "batch_size": 2}
     module.on_save_checkpoint(checkpoint)
     torch.save(checkpoint, path)
     return module
@@ -150,3 +152,50 @@ def test_refusals(tool, real_folders, lora_checkpoint, tmp_path, capsys):
     error = last_line(capsys.readouterr().err)
     assert error.startswith("export_adapter: error: the model is a MoLE with K=3") and "--to mole" in error
     assert sorted(p.name for p in tmp_path.iterdir()) == ["busy", "mole.ckpt"]
+
+
+def test_llava_hf_chat_template_follows_the_recorded_data_settings(tool, real_folders, tmp_path, capsys):
+    from transformers import AutoProcessor
+
+    from mole_lightning.data.templates import encode_prompt
+
+    checkpoint = tmp_path / "lora.ckpt"
+    system = "Answer briefly."
+    data = {"tokenizer": str(real_folders["vicuna"]), "template": "vicuna_v1", "system_prompt": system}
+    model = write_checkpoint(real_folders, checkpoint, num_experts=1, data=data).model
+    out = tmp_path / "hf"
+    assert tool.main([str(checkpoint), "--out", str(out), "--to", "llava-hf", "--merge"]) == 0
+    processor = AutoProcessor.from_pretrained(out)
+    turns = [{"from": "human", "value": "What is in the picture?"}]
+    messages = [{"role": "user", "content": [{"type": "text", "text": turns[0]["value"]}]}]
+    ids = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    expected = encode_prompt(turns, model.tokenizer, "vicuna_v1", system_prompt=system)["input_ids"].tolist()
+    assert list(ids["input_ids"][0]) == expected
+    # the recorded template is overridden on the command line: the vicuna tokenizer has no processor template
+    assert (
+        tool.main(
+            [str(checkpoint), "--out", str(tmp_path / "p"), "--to", "llava-hf", "--merge", "--template", "processor"]
+        )
+        == 1
+    )
+    assert "chat_template.json" in last_line(capsys.readouterr().err)
+
+
+def test_mole_k3_with_write_base_command(tool, real_folders, tmp_path):
+    from safetensors import safe_open
+
+    from mole_lightning.models import load_llava_hf
+
+    checkpoint = tmp_path / "mole.ckpt"
+    model = write_checkpoint(real_folders, checkpoint, num_experts=3).model.eval()
+    out = tmp_path / "mole"
+    assert tool.main([str(checkpoint), "--out", str(out), "--write-base"]) == 0
+    names = []
+    for file in (out / "base").glob("*.safetensors"):
+        with safe_open(str(file), "pt") as handle:
+            names += list(handle.keys())
+    assert names and not [name for name in names if "lora_" in name or "router" in name]
+    reloaded = load_llava_hf(out / "base", adapter=out).eval()
+    ids, pixels = inputs(model)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids, pixel_values=pixels).logits, model(ids, pixel_values=pixels).logits)

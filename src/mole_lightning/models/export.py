@@ -7,7 +7,10 @@
   ``modules_to_save`` entry.
 - ``llava-hf`` (:func:`save_llava_hf`): a ``LlavaForConditionalGeneration`` folder (config, safetensors, tokenizer,
   ``LlavaProcessor`` files) that transformers, vLLM and SGLang load; plain LoRA (K = 1) is merged into the base
-  weights, ``W + (alpha / r) (A B)^T``. Routed experts (K > 1) cannot be merged: routing is per token.
+  weights, ``W + (alpha / r) (A B)^T``. Routed experts (K > 1) cannot be merged: routing is per token. Its
+  processor's chat template (:func:`llava_hf_chat_template`) renders llava-hf content lists as the run's
+  ``data.template`` rendered training prompts, token for token.
+- ``write_base`` (any K): the frozen base as llava-hf, without LoRA, expert or router tensors.
 
 A model over a 4-bit base (QLoRA) exports its adapter (``mole``, ``peft`` with ``base``); ``llava-hf`` and
 ``write_base`` are refused: they would write the 4-bit weights, not the full-precision base the adapter belongs on.
@@ -32,30 +35,25 @@ from safetensors.torch import save_file
 from transformers import LlavaConfig
 
 from mole_lightning.constants import DEFAULT_IMAGE_TOKEN
-from mole_lightning.data.templates import processor_chat_template
+from mole_lightning.data.templates import (
+    CHATML_SYSTEM,
+    LLAMA3_SYSTEM,
+    VICUNA_V1_SYSTEM,
+    _special,
+    encode_prompt,
+    processor_chat_template,
+)
 from mole_lightning.models.llava_mole import LlavaMoLE
 from mole_lightning.models.loading import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, save_adapters
 from mole_lightning.models.projector import MLPProjector, projector_name
 from mole_lightning.models.vision import HFVisionTower, _encoder_layers, _has_cls
 from mole_lightning.peft.layers import LoRALinear, MoLELinear
 from mole_lightning.peft.quantization import is_quantized
+from mole_lightning.peft.router import MoLERouter
 
 EXPORT_FORMATS = ("mole", "peft", "llava-hf")
 BASE_DIR_NAME = "base"
 """Sub-folder of an export that holds the llava-hf base written with ``write_base=True``."""
-
-LLAVA_HF_CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
-    "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
-    "{{ '<image>\n' }}{% endfor %}"
-    "{# Render all text next #}{% if message['role'] != 'assistant' %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}"
-    "{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-    "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
-)
-"""llava-hf/llava-1.5-7b-hf's processor chat template (``USER: <image>\\n{q} ASSISTANT:``), used when the model's
-tokenizer brings neither a processor template nor its own."""
 
 
 class ExportError(ValueError):
@@ -75,9 +73,22 @@ def lora_modules(model: LlavaMoLE) -> dict[str, Any]:
         k = model.mole_config.num_experts
         raise ExportError(
             f"the model is a MoLE with K={k} experts per MLP projection (e.g. {routed[0]}): routing is per token, so "
-            "the experts cannot be merged or written as one LoRA; export with --to mole"
+            "the experts cannot be merged into the weights or written as one LoRA (llava-hf --merge, peft); export "
+            "them with --to mole (add --write-base for a llava-hf base without them)"
         )
     return {name: module for name, module in modules.items() if isinstance(module, LoRALinear)}
+
+
+def adapter_tensor_names(model: LlavaMoLE) -> set[str]:
+    """Names in ``model.language_model.state_dict()`` of every adapter tensor: LoRA / expert ``lora_A``,
+    ``lora_B`` (plain or routed layers) and the routers' ``weight`` / ``bias`` (any K)."""
+    names: set[str] = set()
+    for path, module in model.language_model.named_modules():
+        if isinstance(module, (LoRALinear, MoLELinear)):
+            names.update(f"{path}.{p}" for p in module.adapter_parameter_names())
+        elif isinstance(module, MoLERouter):
+            names.update(f"{path}.{key}" for key in module.state_dict())
+    return names
 
 
 def merged_weight(layer: Any) -> torch.Tensor:
@@ -138,17 +149,19 @@ def llava_hf_state_dict(model: LlavaMoLE, *, merge: bool) -> dict[str, torch.Ten
     ``model.multi_modal_projector.linear_{1,2}.*``, ``model.language_model.*``, ``lm_head.*``).
 
     Args:
-        merge: fold plain LoRA into the base weights; ``False`` keeps only the base weights (adapters dropped).
+        merge: fold plain LoRA into the base weights; ``False`` keeps only the base weights: every LoRA, expert and
+            router tensor is dropped (any K).
 
     Raises:
-        ExportError: routed experts (K > 1), an ``open_clip`` tower or a projector llava-hf cannot hold.
+        ExportError: routed experts (K > 1) with ``merge``, an ``open_clip`` tower or a projector llava-hf cannot
+            hold.
     """
     tower = _hf_tower(model)
     _check_projector(model)
-    layers = lora_modules(model)
+    layers = lora_modules(model) if merge else {}  # without merging, routed layers (K > 1) are fine: dropped below
     lm = model.language_model
     prefix = lm.base_model_prefix  # "model" for Llama / Qwen2
-    adapter_names = {f"{name}.{p}" for name, layer in layers.items() for p in layer.adapter_parameter_names()}
+    adapter_names = adapter_tensor_names(model)
     state = {f"model.vision_tower.{k}": v for k, v in tower.model.state_dict().items()}
     for index, hf_name in ((0, "linear_1"), (2, "linear_2")):
         for key, value in model.projector[index].state_dict().items():
@@ -166,58 +179,264 @@ def llava_hf_state_dict(model: LlavaMoLE, *, merge: bool) -> dict[str, torch.Ten
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
-CONTENT_LIST_PRELUDE = (
-    "{%- set flat = namespace(messages=[]) -%}"
-    "{%- for message in messages -%}"
-    "{%- if message['content'] is string -%}{%- set flat.messages = flat.messages + [message] -%}"
-    "{%- else -%}{%- set parts = namespace(images='', text='') -%}"
-    "{%- for item in message['content'] -%}"
-    "{%- if item['type'] == 'image' -%}{%- set parts.images = parts.images + IMAGE_TOKEN + '\\n' -%}"
-    "{%- elif item['type'] == 'text' -%}{%- set parts.text = parts.text + item['text'] -%}{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- set flat.messages = flat.messages + [{'role': message['role'], 'content': parts.images + parts.text}] -%}"
-    "{%- endif -%}{%- endfor -%}"
-    "{%- set messages = flat.messages %}"
+# ------------------------------------------------------------------------------------------------ chat template
+CHAT_TEMPLATES = ("vicuna_v1", "llama3", "chatml", "plain", "tokenizer", "processor")
+"""``data.template`` values a llava-hf export can ship a chat template for (see :func:`llava_hf_chat_template`)."""
+
+
+def _jinja_string(text: str) -> str:
+    """``text`` as a Jinja string literal (Jinja decodes JSON's escapes)."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _content_macro(image_text: str) -> str:
+    """Jinja macro ``mole_content(content)``: a message's content as the string training saw.
+
+    A llava-hf content list (``[{"type": "image"}, {"type": "text", "text": q}]``) becomes ``image_text`` (once per
+    image, first, where training moves the placeholder) followed by its texts joined by spaces and stripped; a
+    string content is stripped (:func:`~mole_lightning.data.templates.normalize_conversation`).
+    """
+    return (
+        "{%- macro mole_content(content) -%}{%- if content is string -%}{{ content | trim }}{%- else -%}"
+        "{%- for item in content if item['type'] == 'image' -%}{{ " + _jinja_string(image_text) + " }}{%- endfor -%}"
+        "{{ content | selectattr('type', 'equalto', 'text') | map(attribute='text') | join(' ') | trim }}"
+        "{%- endif -%}{%- endmacro -%}"
+    )
+
+
+def _system_prelude(system_prompt: str | None, as_list: bool) -> str:
+    """Jinja that puts ``system_prompt`` first when the conversation has no system message (the run's
+    ``data.system_prompt``); its content is a content list for processor templates, else a string."""
+    if system_prompt is None:
+        return ""
+    text = _jinja_string(system_prompt)
+    content = "[{'type': 'text', 'text': " + text + "}]" if as_list else text
+    return (
+        "{%- if not messages or messages[0]['role'] != 'system' -%}"
+        "{%- set messages = [{'role': 'system', 'content': " + content + "}] + messages -%}{%- endif %}"
+    )
+
+
+def _system_choice(default: str) -> str:
+    """Jinja setting ``mole_system``: the leading system message's text, else ``default`` (the run's system prompt
+    or the template's own)."""
+    return (
+        "{%- if messages and messages[0]['role'] == 'system' -%}"
+        "{%- set mole_system = mole_content(messages[0]['content']) -%}"
+        "{%- else -%}{%- set mole_system = " + _jinja_string(default) + " -%}{%- endif -%}"
+    )
+
+
+def _turns(user: str, assistant: str, generation: str) -> str:
+    """Jinja rendering every non-system message with ``user`` / ``assistant`` (Jinja expressions of ``text``) and,
+    with ``add_generation_prompt``, the literal ``generation``."""
+    return (
+        "{%- for message in messages if message['role'] != 'system' -%}"
+        "{%- set text = mole_content(message['content']) -%}"
+        "{%- if message['role'] == 'user' -%}{{ " + user + " }}{%- else -%}{{ " + assistant + " }}{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ " + _jinja_string(generation) + " }}{%- endif -%}"
+    )
+
+
+def _vicuna_template(image_text: str, system_prompt: str | None, tokenizer: Any) -> str:
+    """:func:`~mole_lightning.data.templates.render_vicuna_v1` in Jinja:
+    ``{system} USER: <image>\\n{q} ASSISTANT: {a}</s>USER: {q2} ASSISTANT:``."""
+    eos = _jinja_string(_special(tokenizer, "eos_token", "</s>"))
+    return (
+        _content_macro(image_text)
+        + _system_choice(VICUNA_V1_SYSTEM if system_prompt is None else system_prompt)
+        + "{{ mole_system + ' ' }}"
+        + _turns("'USER: ' + text + ' '", "'ASSISTANT: ' + text + " + eos, "ASSISTANT:")
+    )
+
+
+def _chatml_template(image_text: str, system_prompt: str | None, tokenizer: Any) -> str:
+    """:func:`~mole_lightning.data.templates.render_chatml` in Jinja: ``<|im_start|>role\\n{text}<|im_end|>\\n``."""
+    block = "'<|im_start|>' + message['role'] + '\\n' + text + '<|im_end|>\\n'"
+    return (
+        _content_macro(image_text)
+        + _system_choice(CHATML_SYSTEM if system_prompt is None else system_prompt)
+        + "{%- if mole_system -%}{{ '<|im_start|>system\\n' + mole_system + '<|im_end|>\\n' }}{%- endif -%}"
+        + _turns(block, block, "<|im_start|>assistant\n")
+    )
+
+
+def _llama3_template(image_text: str, system_prompt: str | None, tokenizer: Any) -> str:
+    """:func:`~mole_lightning.data.templates.render_llama3` in Jinja: BOS, then
+    ``<|start_header_id|>role<|end_header_id|>\\n\\n{text}<|eot_id|>`` blocks."""
+    block = "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + text + '<|eot_id|>'"
+    return (
+        _content_macro(image_text)
+        + _system_choice(LLAMA3_SYSTEM if system_prompt is None else system_prompt)
+        + "{{ "
+        + _jinja_string(_special(tokenizer, "bos_token"))
+        + " }}"
+        + "{%- if mole_system -%}"
+        "{{ '<|start_header_id|>system<|end_header_id|>\\n\\n' + mole_system + '<|eot_id|>' }}{%- endif -%}"
+        + _turns(block, block, "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    )
+
+
+def _plain_template(image_text: str, system_prompt: str | None, tokenizer: Any) -> str:
+    """:func:`~mole_lightning.data.templates.render_plain` in Jinja: the first user message's image placeholder
+    only (stage-1 captioning drops the question); the model continues with a caption."""
+    return (
+        "{%- for message in messages if message['role'] == 'user' -%}{%- if loop.first -%}"
+        "{%- for item in message['content'] if item is not string and item['type'] == 'image' -%}"
+        "{{ " + _jinja_string(image_text) + " }}{%- endfor -%}"
+        "{%- if message['content'] is string and " + _jinja_string(image_text) + " in message['content'] -%}"
+        "{{ " + _jinja_string(image_text) + " }}{%- endif -%}"
+        "{%- endif -%}{%- endfor -%}"
+    )
+
+
+def _flattening_template(image_token: str, template: str, system_prompt: str | None) -> str:
+    """A text-only chat template (the tokenizer's own) behind a prelude that turns each message's content list into
+    the string training gave it (``"<image>\\n" + text``); the template itself is unchanged."""
+    return (
+        _system_prelude(system_prompt, as_list=False)
+        + _content_macro(image_token + "\n")
+        + "{%- set mole = namespace(messages=[]) -%}{%- for message in messages -%}"
+        "{%- set mole.messages = mole.messages + [dict(message, content=mole_content(message['content']))] -%}"
+        "{%- endfor -%}{%- set messages = mole.messages %}" + template
+    )
+
+
+PROBE_CONVERSATIONS = (
+    [{"from": "human", "value": "<image>\nWhat is in the picture?"}],
+    [{"from": "human", "value": "What color is the circle?"}],
+    [
+        {"from": "human", "value": "<image>\nWhat color is the circle?"},
+        {"from": "gpt", "value": "It is blue."},
+        {"from": "human", "value": "How many shapes are there?"},
+    ],
 )
-"""Jinja put before a text-only chat template so that a processor can render llava-hf content lists with it: each
-message's ``[{"type": "image"}, {"type": "text", ...}]`` becomes ``"<image>\\n" * images + text``, the string that
-training gave the template (``IMAGE_TOKEN`` is replaced by the model's image token)."""
-
-_PROBE = "mole-probe-question"
+"""Conversations a shipped chat template is checked on: image + question, text only, two turns."""
 
 
-def renders_content_lists(template: str, tokenizer: Any) -> bool:
-    """Whether ``template`` renders a llava-hf content list (``{"type": "text"}`` items) as its text.
+def as_content_lists(conversation: list[dict[str, str]]) -> list[dict[str, Any]]:
+    """LLaVA turns (``from``/``value``, ``<image>`` in the text) as llava-hf messages with content lists
+    (``[{"type": "image"}, {"type": "text", "text": ...}]``), the input of a processor's ``apply_chat_template``."""
+    messages = []
+    for turn in conversation:
+        text = turn["value"]
+        content: list[dict[str, str]] = []
+        if DEFAULT_IMAGE_TOKEN in text:
+            content.append({"type": "image"})
+            text = text.replace(DEFAULT_IMAGE_TOKEN, "").strip()
+        content.append({"type": "text", "text": text})
+        role = {"human": "user", "gpt": "assistant"}.get(turn["from"], turn["from"])
+        messages.append({"role": role, "content": content})
+    return messages
 
-    A text-only template either fails on a list (``str + list``) or prints the list's Python repr.
+
+def processor_prompt_ids(template: str, tokenizer: Any, conversation: list[dict[str, str]]) -> list[int]:
+    """Ids of a generation prompt as ``LlavaProcessor.apply_chat_template(..., tokenize=True)`` makes them with
+    ``template``, one ``<image>`` id per image: the rendered text, tokenized with the tokenizer's special tokens
+    unless it starts with BOS."""
+    text = tokenizer.apply_chat_template(
+        as_content_lists(conversation), chat_template=template, tokenize=False, add_generation_prompt=True
+    )
+    bos = getattr(tokenizer, "bos_token", None)
+    return list(tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"])
+
+
+def _renders_as_trained(template: str, tokenizer: Any, data_template: str, system_prompt: str | None) -> bool:
+    """Whether ``template`` gives, on every :data:`PROBE_CONVERSATIONS`, the ids of
+    :func:`~mole_lightning.data.templates.encode_prompt` with ``data_template``."""
+    for conversation in PROBE_CONVERSATIONS:
+        expected = encode_prompt(
+            conversation, tokenizer, data_template, num_image_tokens=1, system_prompt=system_prompt
+        )["input_ids"].tolist()
+        try:
+            if processor_prompt_ids(template, tokenizer, conversation) != expected:
+                return False
+        except Exception:  # jinja2 raises TypeError, UndefinedError, TemplateError... on a template it cannot run
+            return False
+    return True
+
+
+def llava_hf_chat_template(
+    tokenizer: Any, data_template: str = "vicuna_v1", system_prompt: str | None = None, image_token: str | None = None
+) -> str:
+    """The processor chat template to ship for a model trained with ``data.template = data_template``.
+
+    It renders llava-hf content lists and puts ``<image>`` where training did, so that
+    ``LlavaProcessor.apply_chat_template`` gives, token for token, the generation prompt of
+    :func:`~mole_lightning.data.templates.encode_prompt` (checked on :data:`PROBE_CONVERSATIONS`):
+
+    - ``vicuna_v1``: LLaVA-1.5's ``{system} USER: <image>\\n{q} ASSISTANT:`` with the run's system prompt. Training
+      tokenizes each ``<image>``-separated chunk on its own (LLaVA's ``tokenizer_image_token``), so a SentencePiece
+      tokenizer with ``legacy: false`` puts a ``▁`` before the ``\\n`` that whole-text tokenization does not; the
+      template then writes ``"<image> \\n"``, which the processor tokenizes to the trained ids.
+    - ``llama3``, ``chatml``: their blocks with the run's (or the template's default) system prompt.
+    - ``plain`` (stage-1 captioning): the image placeholder only; the model continues with a caption.
+    - ``processor``: the tokenizer folder's processor template (``chat_template.json`` / ``.jinja``).
+    - ``tokenizer``: the tokenizer's own Jinja template behind a prelude turning content lists into the strings
+      training gave it (``"<image>\\n{q}"``).
+
+    Args:
+        system_prompt: the run's ``data.system_prompt`` (``None``: the template's default).
+        image_token: the tokenizer's image token (default ``<image>``).
+
+    Raises:
+        ExportError: an unknown template, a ``processor``/``tokenizer`` template the tokenizer lacks, or a template
+            whose processor prompt differs from training's (e.g. a tokenizer that adds BOS to a template without it).
     """
-    probe = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": _PROBE}]}]
+    image_token = image_token or DEFAULT_IMAGE_TOKEN
+    if data_template in _RENDERED_TEMPLATES:
+        build = _RENDERED_TEMPLATES[data_template]
+        # what follows <image>: the "\n" training puts there; vicuna_v1 may need " \n" (see above); plain drops it
+        separators = {"vicuna_v1": ("\n", " \n"), "plain": ("",)}.get(data_template, ("\n",))
+        candidates = [build(image_token + sep, system_prompt, tokenizer) for sep in separators]
+    elif data_template == "processor":
+        try:
+            candidates = [_system_prelude(system_prompt, as_list=True) + processor_chat_template(tokenizer)]
+        except ValueError as error:
+            raise ExportError(str(error)) from None
+    elif data_template == "tokenizer":
+        own = getattr(tokenizer, "chat_template", None)
+        if not isinstance(own, str) or not own:
+            raise ExportError("data.template 'tokenizer' needs a tokenizer with a chat_template to ship")
+        candidates = [_flattening_template(image_token, own, system_prompt)]
+    else:
+        raise ExportError(
+            f"unknown data.template {data_template!r} for the llava-hf chat template; expected one of {CHAT_TEMPLATES}"
+        )
+    for template in candidates:
+        if _renders_as_trained(template, tokenizer, data_template, system_prompt):
+            return template
+    raise ExportError(
+        f"the processor's apply_chat_template cannot reproduce the {data_template!r} prompts training used with this "
+        "tokenizer; export with --to mole"
+    )
+
+
+_RENDERED_TEMPLATES = {
+    "vicuna_v1": _vicuna_template,
+    "llama3": _llama3_template,
+    "chatml": _chatml_template,
+    "plain": _plain_template,
+}
+"""Built-in templates written as Jinja here (``processor`` and ``tokenizer`` reuse the tokenizer's templates)."""
+
+
+def default_chat_template_name(tokenizer: Any) -> str:
+    """``processor`` when the tokenizer's folder holds a processor chat template (a llava-hf model), else
+    ``vicuna_v1`` (the data module's default)."""
     try:
-        text = tokenizer.apply_chat_template(probe, chat_template=template, tokenize=False, add_generation_prompt=True)
-    except Exception:  # jinja2 raises TypeError, UndefinedError, TemplateError... on a list it cannot print
-        return False
-    return _PROBE in text and "'type'" not in text and '"type"' not in text
-
-
-def chat_template(tokenizer: Any, image_token: str = DEFAULT_IMAGE_TOKEN) -> str:
-    """The chat template to ship: the tokenizer's processor template, else its own, else llava-hf's.
-
-    A template that only takes string contents (the tokenizer's own, as ``data.template: tokenizer`` trains with,
-    also when saved as the folder's ``chat_template.jinja``) gets :data:`CONTENT_LIST_PRELUDE`, so the processor's
-    ``apply_chat_template`` on llava-hf content lists gives the prompt training saw.
-    """
-    try:
-        template = processor_chat_template(tokenizer)
+        processor_chat_template(tokenizer)
     except ValueError:
-        template = getattr(tokenizer, "chat_template", None) or LLAVA_HF_CHAT_TEMPLATE
-    if renders_content_lists(template, tokenizer):
-        return template
-    return CONTENT_LIST_PRELUDE.replace("IMAGE_TOKEN", json.dumps(image_token)) + template
+        return "vicuna_v1"
+    return "processor"
 
 
-def llava_hf_processor(model: LlavaMoLE) -> Any:
+def llava_hf_processor(model: LlavaMoLE, template: str | None = None, system_prompt: str | None = None) -> Any:
     """``LlavaProcessor``: the model's tokenizer, a ``CLIPImageProcessor`` with the tower's size, mean and std
-    (resize shortest edge, centre crop), the patch size, feature strategy, extra tokens (CLS) and chat template."""
+    (resize shortest edge, centre crop), the patch size, feature strategy, extra tokens (CLS) and the chat template
+    of the run's ``data.template`` / ``data.system_prompt`` (:func:`llava_hf_chat_template`; ``template=None``:
+    :func:`default_chat_template_name`)."""
     from transformers import CLIPImageProcessor, LlavaProcessor  # heavy (~0.5 s): image processing, modeling_utils
 
     tower = _hf_tower(model)
@@ -231,32 +450,44 @@ def llava_hf_processor(model: LlavaMoLE) -> Any:
         image_std=list(tower.image_std),
     )
     has_cls = _has_cls(tower.model)
+    image_token = model.tokenizer.convert_ids_to_tokens(model.image_token_id)
+    template = template or default_chat_template_name(model.tokenizer)
     return LlavaProcessor(
         image_processor=image_processor,
         tokenizer=model.tokenizer,
         patch_size=int(tower.model.config.patch_size),
         vision_feature_select_strategy="default" if tower.num_prefix_tokens else "full",
-        chat_template=chat_template(model.tokenizer, model.tokenizer.convert_ids_to_tokens(model.image_token_id)),
-        image_token=model.tokenizer.convert_ids_to_tokens(model.image_token_id),
+        chat_template=llava_hf_chat_template(model.tokenizer, template, system_prompt, image_token),
+        image_token=image_token,
         num_additional_image_tokens=1 if has_cls else 0,
     )
 
 
-def save_llava_hf(model: LlavaMoLE, directory: str | os.PathLike, *, merge: bool) -> Path:
+def save_llava_hf(
+    model: LlavaMoLE,
+    directory: str | os.PathLike,
+    *,
+    merge: bool,
+    template: str | None = None,
+    system_prompt: str | None = None,
+) -> Path:
     """Write a ``LlavaForConditionalGeneration`` folder: ``config.json``, ``generation_config.json``,
     ``model.safetensors`` (sharded when large), tokenizer and processor files.
 
     Args:
         merge: fold plain LoRA into the weights (needed when the model has adapters; ``False`` writes the frozen
-            base with the trained projector and token rows, e.g. as the base of a peft or mole export).
+            base with the trained projector and token rows, e.g. as the base of a peft or mole export; any K).
+        template, system_prompt: the run's ``data.template`` and ``data.system_prompt``, for the processor's chat
+            template (:func:`llava_hf_processor`).
 
     Raises:
-        ExportError: K > 1 with ``merge``, an ``open_clip`` tower, a projector other than ``mlp2x_gelu``, or a
-            state dict that does not fill the llava-hf model exactly.
+        ExportError: K > 1 with ``merge``, an ``open_clip`` tower, a projector other than ``mlp2x_gelu``, a state
+            dict that does not fill the llava-hf model exactly, or no chat template for ``template``.
     """
     from transformers import LlavaForConditionalGeneration  # heavy: loads transformers.modeling_utils
 
     config = llava_hf_config(model)
+    processor = llava_hf_processor(model, template, system_prompt)  # before the weights: refuse early
     state = llava_hf_state_dict(model, merge=merge)
     with torch.device("meta"):
         hf = LlavaForConditionalGeneration(config)
@@ -273,7 +504,7 @@ def save_llava_hf(model: LlavaMoLE, directory: str | os.PathLike, *, merge: bool
     hf.generation_config = copy.deepcopy(model.language_model.generation_config)
     directory = Path(directory)
     hf.save_pretrained(directory)
-    llava_hf_processor(model).save_pretrained(directory)
+    processor.save_pretrained(directory)
     return directory
 
 
@@ -400,6 +631,8 @@ def export_model(
     write_base: bool = False,
     overwrite: bool = False,
     extra_files: dict[str, str] | None = None,
+    template: str | None = None,
+    system_prompt: str | None = None,
 ) -> Path:
     """Write ``model`` to ``directory`` in format ``to`` (``"mole"``, ``"peft"`` or ``"llava-hf"``), atomically.
 
@@ -411,6 +644,9 @@ def export_model(
             ``directory/base`` and refer to it (for models built from an LLM and a vision tower).
         overwrite: replace a non-empty ``directory``.
         extra_files: ``{file name: text}`` written beside the export (e.g. ``training_config.json``).
+        template, system_prompt: the run's ``data.template`` (``vicuna_v1``, ``processor``, ``tokenizer``) and
+            ``data.system_prompt``: the chat template of the llava-hf folder (``llava-hf`` or ``write_base``)
+            renders prompts as training did; ``template=None``: :func:`default_chat_template_name`.
 
     Raises:
         ExportError: the model cannot be written in that format (K > 1 with merge, open_clip tower to llava-hf, no
@@ -448,9 +684,9 @@ def export_model(
 
     def write(tmp: Path) -> None:
         if write_base:
-            save_llava_hf(model, tmp / BASE_DIR_NAME, merge=False)
+            save_llava_hf(model, tmp / BASE_DIR_NAME, merge=False, template=template, system_prompt=system_prompt)
         if to == "llava-hf":
-            save_llava_hf(model, tmp, merge=merge)
+            save_llava_hf(model, tmp, merge=merge, template=template, system_prompt=system_prompt)
         elif to == "peft":
             save_peft(model, tmp, base, token_rows_in_base=write_base)
         else:

@@ -117,16 +117,19 @@ def export_checkpoint(
         output_dir: Export directory (must be empty or absent unless ``overwrite=True``).
         to: ``"mole"``, ``"peft"`` or ``"llava-hf"``.
         **options: :func:`mole_lightning.models.export.export_model` options (``merge``, ``base``,
-            ``write_base``, ``overwrite``).
+            ``write_base``, ``overwrite``, ``template``, ``system_prompt``); ``template`` and ``system_prompt``
+            default to the run's data settings recorded in the checkpoint or export (:func:`recorded_data_settings`).
 
     Returns:
         The export directory.
     """
     check_destination(output_dir, overwrite=options.get("overwrite", False))  # fail before loading anything
     model, hparams = load_trained_model(checkpoint_path)
+    recorded = recorded_data_settings(checkpoint_path)  # how the run rendered its conversations
+    chat = {key: recorded[key] for key in ("template", "system_prompt") if key in recorded}
+    options = {**chat, **{k: v for k, v in options.items() if v is not None}}
     extra = None
     if to == "mole":
-        data = recorded_data_settings(checkpoint_path)
         extra = {TRAINING_CONFIG_NAME: json.dumps(hparams, indent=2, default=str)} if hparams else {}
-        extra = {**extra, DATA_CONFIG_NAME: json.dumps(data, indent=2)} if data else extra or None
+        extra = {**extra, DATA_CONFIG_NAME: json.dumps(recorded, indent=2)} if recorded else extra or None
     return export_model(model.eval(), output_dir, to=to, extra_files=extra, **options)
