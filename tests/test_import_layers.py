@@ -22,7 +22,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("eval",),
     ("training",),
     ("inference",),
-    ("chat", "cli", "convert", "routing_report", "integrations", "__main__", "__init__"),
+    ("chat", "cli", "convert", "export_command", "routing_report", "integrations", "__main__", "__init__"),
 )
 LAYER_OF = {part: index for index, parts in enumerate(LAYERS) for part in parts}
 

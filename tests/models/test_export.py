@@ -168,7 +168,7 @@ def test_refusals_name_the_problem(real_folders, tmp_path):
     for to, kwargs in (("llava-hf", {"merge": True}), ("peft", {})):
         with pytest.raises(ExportError, match="K=3 experts"):
             export_model(moe, tmp_path / to, to=to, **kwargs)
-    with pytest.raises(ExportError, match="pass --merge"):
+    with pytest.raises(ExportError, match="pass merge=True"):
         export_model(moe, tmp_path / "x", to="llava-hf")
     open_clip = build_preset("tiny", vision="open_clip", mole=MoLEConfig(**LORA))
     with pytest.raises(ExportError, match="OpenCLIPVisionTower cannot be written as llava-hf"):

@@ -19,6 +19,7 @@ from mole_lightning.training import ModelSpec, MoLELightningModule
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOL = ROOT / "tools" / "export_adapter.py"
+MOLE_EXPORT = Path(sys.executable).with_name("mole-export")
 
 
 DATA_SETTINGS = {"template": "vicuna_v1", "system_prompt": None, "max_length": 512, "image_aspect": "pad"}
@@ -44,8 +45,9 @@ def write_checkpoint(real_folders, path: Path, num_experts: int, data: dict | No
 
 
 def run_tool(*args: str) -> subprocess.CompletedProcess:
+    """The installed ``mole-export``, as users run it."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(TOOL), *args], capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run([str(MOLE_EXPORT), *args], capture_output=True, text=True, env=env, timeout=300)
 
 
 def last_line(text: str) -> str:
@@ -54,6 +56,7 @@ def last_line(text: str) -> str:
 
 @pytest.fixture(scope="module")
 def tool():
+    """The old ``tools/export_adapter.py`` entry point, which runs ``mole-export``'s ``main``."""
     spec = importlib.util.spec_from_file_location("export_adapter", TOOL)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -131,7 +134,7 @@ def test_mole_then_peft_from_the_mole_folder(tool, lora_checkpoint, tmp_path, ca
 def test_missing_input_exits_nonzero_with_one_line(tmp_path):
     result = run_tool(str(tmp_path / "missing.ckpt"), "--out", str(tmp_path / "a"))
     assert result.returncode == 1 and result.stdout == ""
-    assert last_line(result.stderr) == f"export_adapter: error: input {str(tmp_path / 'missing.ckpt')!r} does not exist"
+    assert last_line(result.stderr) == f"mole-export: error: input {str(tmp_path / 'missing.ckpt')!r} does not exist"
 
 
 def test_refusals(tool, real_folders, lora_checkpoint, tmp_path, capsys):
@@ -150,7 +153,7 @@ def test_refusals(tool, real_folders, lora_checkpoint, tmp_path, capsys):
     write_checkpoint(real_folders, mole_ckpt, num_experts=3)
     assert tool.main([str(mole_ckpt), "--out", str(tmp_path / "m"), "--to", "llava-hf", "--merge"]) == 1
     error = last_line(capsys.readouterr().err)
-    assert error.startswith("export_adapter: error: the model is a MoLE with K=3") and "--to mole" in error
+    assert error.startswith("mole-export: error: the model is a MoLE with K=3") and "--to mole" in error
     assert sorted(p.name for p in tmp_path.iterdir()) == ["busy", "mole.ckpt"]
 
 

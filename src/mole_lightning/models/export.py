@@ -73,8 +73,8 @@ def lora_modules(model: LlavaMoLE) -> dict[str, Any]:
         k = model.mole_config.num_experts
         raise ExportError(
             f"the model is a MoLE with K={k} experts per MLP projection (e.g. {routed[0]}): routing is per token, so "
-            "the experts cannot be merged into the weights or written as one LoRA (llava-hf --merge, peft); export "
-            "them with --to mole (add --write-base for a llava-hf base without them)"
+            "the experts cannot be merged into the weights or written as one LoRA (llava-hf merge=True, peft); export "
+            "them with to='mole' (add write_base=True for a llava-hf base without them)"
         )
     return {name: module for name, module in modules.items() if isinstance(module, LoRALinear)}
 
@@ -104,7 +104,7 @@ def _hf_tower(model: LlavaMoLE) -> HFVisionTower:
         raise ExportError(
             f"a {type(model.vision_tower).__name__} cannot be written as llava-hf (transformers' LlavaForConditional"
             "Generation holds a transformers CLIP/SigLIP tower); build the model with vision='hf', or export with "
-            "--to mole"
+            "to='mole'"
         )
     return model.vision_tower
 
@@ -113,7 +113,7 @@ def _check_projector(model: LlavaMoLE) -> MLPProjector:
     if projector_name(model.projector) != "mlp2x_gelu":
         raise ExportError(
             f"llava-hf holds an mlp2x_gelu projector (linear_1, gelu, linear_2); this model has "
-            f"{projector_name(model.projector)!r}: export with --to mole"
+            f"{projector_name(model.projector)!r}: export with to='mole'"
         )
     return model.projector
 
@@ -409,7 +409,7 @@ def llava_hf_chat_template(
             return template
     raise ExportError(
         f"the processor's apply_chat_template cannot reproduce the {data_template!r} prompts training used with this "
-        "tokenizer; export with --to mole"
+        "tokenizer; export with to='mole'"
     )
 
 
@@ -569,11 +569,11 @@ def save_peft(
         ExportError: no LoRA (stage-1 model), K > 1, or trainable token rows (peft's base would lack them).
     """
     if model.mole_config is None:
-        raise ExportError("the model has no LoRA adapters to write in peft format; export with --to llava-hf")
+        raise ExportError("the model has no LoRA adapters to write in peft format; export with to='llava-hf'")
     if model.token_row_start is not None and not token_rows_in_base:
         raise ExportError(
             "the model trains embedding rows of added tokens, which a peft LoRA folder does not hold: write the "
-            "base with them (--write-base) or export with --to mole"
+            "base with them (write_base=True) or export with to='mole'"
         )
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -618,7 +618,7 @@ def check_destination(directory: str | os.PathLike, *, overwrite: bool) -> None:
     if directory.exists() and not directory.is_dir():
         raise FileExistsError(f"output {str(directory)!r} exists and is not a folder")
     if directory.is_dir() and any(directory.iterdir()) and not overwrite:
-        raise FileExistsError(f"output folder {str(directory)!r} is not empty; pass --overwrite to replace it")
+        raise FileExistsError(f"output folder {str(directory)!r} is not empty; pass overwrite=True to replace it")
 
 
 def export_model(
@@ -655,17 +655,20 @@ def export_model(
     if to not in EXPORT_FORMATS:
         raise ExportError(f"unknown export format {to!r}; expected one of {EXPORT_FORMATS}")
     if merge and to != "llava-hf":
-        raise ExportError("--merge applies to --to llava-hf only")
+        raise ExportError("merge=True applies to to='llava-hf' only")
     if to == "llava-hf" and model.mole_config is not None and not merge:
-        raise ExportError("llava-hf has no place for adapters: pass --merge (K = 1), or export with --to peft / mole")
+        raise ExportError(
+            "llava-hf has no place for adapters: pass merge=True (K = 1), or export with to='peft' / 'mole'"
+        )
     if to == "llava-hf" and write_base:
-        raise ExportError("--write-base applies to --to mole / peft")
+        raise ExportError("write_base=True applies to to='mole' / 'peft'")
     if base is not None and write_base:
-        raise ExportError("pass either --base or --write-base, not both")
+        raise ExportError("pass either base or write_base=True, not both")
     if (to == "llava-hf" or write_base) and is_quantized(model.language_model):
         raise ExportError(
             "the language model is a 4-bit base (architecture.quantize): merging into it or writing it as llava-hf "
-            "would ship 4-bit weights; export the adapter with --to mole, or --to peft --base DIR (the full-precision "
+            "would ship 4-bit weights; export the adapter with to='mole', or to='peft' with base=DIR (the "
+            "full-precision "
             "llava-hf base), and merge onto the full-precision base"
         )
     given = directory
@@ -676,8 +679,8 @@ def export_model(
         base = getattr(model, "base_model_name_or_path", None)
     if to == "peft" and base is None:
         raise ExportError(
-            "a peft export needs a llava-hf base: pass --base DIR (the llava-hf folder the model was built on) or "
-            "--write-base"
+            "a peft export needs a llava-hf base: pass base=DIR (the llava-hf folder the model was built on) or "
+            "write_base=True"
         )
     if to == "peft" or (to == "llava-hf" and merge):
         lora_modules(model)  # K > 1: refuse before writing anything
