@@ -75,3 +75,21 @@ def test_short_demo_fit_sends_each_source_to_its_expert(demo_data, tmp_path):
         assert sum(shares[source]) == pytest.approx(1.0, abs=1e-6)
         assert shares[source][expert] > 1.0 / num_experts, (source, shares)
         assert shares[source][expert] > control[source][expert], (source, shares, control)  # the term did it
+
+
+@pytest.mark.slow
+def test_fsdp2_on_two_cpu_processes_gives_the_single_process_loss_with_source_routing(tmp_path):
+    from tests.training.recorders import read_losses
+    from tests.training.test_fsdp2 import launch, wait
+
+    single, sharded = tmp_path / "single", tmp_path / "fsdp2"
+    extra = ("--source-routing-coef", "1.0")
+    reference = launch(single, devices=1, max_steps=3, extra=extra)
+    run = launch(sharded, devices=2, max_steps=3, extra=extra)
+    wait(run, sharded, 3)
+    wait(reference, single, 3)
+    expected, got = read_losses(single), read_losses(sharded)
+    assert sorted(got) == sorted(expected) == [1, 2, 3]
+    for step in expected:
+        # every rank holds as many samples, all supervised: the mean of the ranks' terms is the global term
+        assert got[step] == pytest.approx(expected[step], rel=1e-5), step
