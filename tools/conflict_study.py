@@ -15,6 +15,7 @@ Examples::
     python tools/conflict_study.py --report-only --out out/conflict_study
     python tools/conflict_study.py --compare out/conflict_study out/conflict_cue --out out  # one table of runs
     python tools/conflict_study.py --multimodal --out out/conflict_mm    # demo image domains
+    python tools/conflict_study.py --methods mix,mix2x,dense,mole,mole_src --out out/conflict_src  # source routing
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from experiments.conflict_study.methods import (  # noqa: E402
     JobSpec,
     TrainConfig,
     make_methods,
+    parse_source_variants,
     parse_variants,
     run_job,
 )
@@ -50,6 +52,8 @@ from experiments.conflict_study.tasks import TaskConfig  # noqa: E402
 
 DEFAULT_METHODS = "single,mix,mix2x,dense,mole"
 DEFAULT_MOLE_VARIANTS = "prob:switch:0.01,none:pooled:0.05"
+DEFAULT_SOURCE_VARIANTS = "prob:switch:0.01:1.0:0/1/2/0/1/2"
+"""``mole_src`` default: the ``prob`` gate, domain d of the default 6 to expert d mod 3 (K = 3 < D)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_MOLE_VARIANTS,
         help="comma list of gate:balance:coef for 'mole' (gate: prob|straight_through|none; balance: switch|pooled)",
     )
+    g.add_argument(
+        "--source-variants",
+        default=DEFAULT_SOURCE_VARIANTS,
+        help="comma list of gate:balance:coef:source_coef[:e0/e1/...] for 'mole_src' (source-supervised routing; "
+        "the optional map gives the expert of domain 0, 1, ...; without it domain d -> expert d, needs K >= D)",
+    )
     g.add_argument("--z-loss", type=float, default=0.0, help="router z-loss weight")
     g.add_argument("--seeds", type=int, default=5, help="number of seeds (each varies base, task, data, adapter)")
     g.add_argument("--seed-offset", type=int, default=0)
@@ -136,6 +146,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "eval_per_domain": 32,
             "seeds": 2,
             "mole_variants": "prob:switch:0.01",
+            "source_variants": "prob:switch:0.01:1.0",
             "methods": "single,mix,mix2x,mix_long,dense,mole,soft",
             "mm_per_source": 32,
             "mm_eval_per_source": 8,
@@ -190,7 +201,14 @@ def run_text_study(args: argparse.Namespace) -> dict[str, Any]:
         impl=args.impl,
     )
     kinds = [k.strip() for k in args.methods.split(",") if k.strip()]
-    specs = make_methods(kinds, args.rank, args.experts, parse_variants(args.mole_variants), args.z_loss)
+    specs = make_methods(
+        kinds,
+        args.rank,
+        args.experts,
+        parse_variants(args.mole_variants),
+        args.z_loss,
+        parse_source_variants(args.source_variants),
+    )
     seeds = list(range(args.seed_offset, args.seed_offset + args.seeds))
     start = time.perf_counter()
     ctx = mp.get_context("spawn")

@@ -13,7 +13,13 @@ method         MLP adapter (gate, up, down)          data                       
 ``dense``      LoRA rank K*r (parameter-matched)     union                            K*r
 ``mole``       K routed rank-r experts, top-1        union                            r (+ router)
 ``soft``       K rank-r experts, softmax mixture     union                            K*r (+ router)
+``mole_src``   as ``mole``, plus source-supervised   union, each sample's domain      r (+ router)
+               routing toward its domain's expert    as the routing target
 =============  ====================================  ==============================  ==========================
+
+``mole_src`` adds ``source_routing_coef`` times the source-supervised routing loss (``docs/peft.md``): the domain
+index is the sample's source; its expert is ``source_map[d]`` (one expert per domain when unset, which needs K >= D).
+The label is used in training only; evaluation routes without it.
 
 All runs use the same optimiser, batch size and number of epochs over their own data (so ``mix2x`` takes twice the
 steps of ``mix``, and ``single`` 1/D of them; ``mix_long`` takes the steps of ``mix2x`` on the data of ``mix``,
@@ -33,9 +39,20 @@ from torch import nn
 
 from experiments.conflict_study.base import BaseConfig, load_base, lr_factor
 from experiments.conflict_study.tasks import DomainSet, TaskConfig, domain_rules, make_domain_sets
-from mole_lightning.peft import MoLEConfig, apply_mole, collect_aux, gate_spec, iter_routers, routing_mask
+from mole_lightning.peft import (
+    MoLEConfig,
+    apply_mole,
+    collect_aux,
+    gate_spec,
+    iter_routers,
+    routing_mask,
+    source_supervision,
+)
 
-METHOD_KINDS: tuple[str, ...] = ("single", "mix", "mix2x", "mix_long", "dense", "mole", "soft")
+METHOD_KINDS: tuple[str, ...] = ("single", "mix", "mix2x", "mix_long", "dense", "mole", "soft", "mole_src")
+
+SourceVariant = tuple[str, str, float, float, tuple[int, ...] | None]
+"""(gate, balance, balance_coef, source_routing_coef, domain -> expert map or None) of a ``mole_src`` method."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +71,8 @@ class MethodSpec:
         data_mult: samples per domain relative to the base count (2 for ``mix2x``).
         epoch_mult: epochs relative to the shared schedule (2 for ``mix_long``).
         lr: peak learning rate of this method; None uses the schedule's shared one.
+        source_routing_coef: weight of the source-supervised routing loss (``mole_src``; 0 otherwise).
+        source_map: expert of each domain index for that loss; None: domain d -> expert d.
     """
 
     name: str
@@ -67,10 +86,16 @@ class MethodSpec:
     data_mult: int = 1
     epoch_mult: int = 1
     lr: float | None = None
+    source_routing_coef: float = 0.0
+    source_map: tuple[int, ...] | None = None
 
     @property
     def routed(self) -> bool:
         return self.num_experts > 1
+
+    def source_expert_map(self) -> dict[str, int] | None:
+        """``MoLEConfig.source_expert_map`` of the method: ``{str(domain): expert}`` (None: one expert per domain)."""
+        return None if self.source_map is None else {str(d): e for d, e in enumerate(self.source_map)}
 
 
 def make_methods(
@@ -79,6 +104,7 @@ def make_methods(
     num_experts: int,
     mole_variants: list[tuple[str, str, float]],
     z_loss_coef: float = 0.0,
+    source_variants: list[SourceVariant] | None = None,
 ) -> list[MethodSpec]:
     """Method specs from kind names; ``mole`` expands into one spec per (gate, balance, coef) variant.
 
@@ -91,6 +117,8 @@ def make_methods(
         num_experts: K.
         mole_variants: (gate, balance, balance_coef) triples for ``mole``.
         z_loss_coef: router z-loss weight for routed methods.
+        source_variants: (gate, balance, balance_coef, source_routing_coef, map) for ``mole_src``
+            (`parse_source_variants`).
     """
     specs: list[MethodSpec] = []
     for item in kinds:
@@ -110,6 +138,25 @@ def make_methods(
         elif kind == "soft":
             name = _name("soft", tag)
             specs.append(MethodSpec(name, kind, num_experts, rank, gate="soft", z_loss_coef=z_loss_coef, lr=lr))
+        elif kind == "mole_src":
+            for gate, balance, coef, src_coef, source_map in source_variants or []:
+                where = "" if source_map is None else "map=" + "/".join(map(str, source_map))
+                name = _name("mole_src", gate, f"{balance}={coef:g}", f"src={src_coef:g}", where, tag)
+                specs.append(
+                    MethodSpec(
+                        name,
+                        kind,
+                        num_experts,
+                        rank,
+                        gate,
+                        balance,
+                        coef,
+                        z_loss_coef,
+                        lr=lr,
+                        source_routing_coef=src_coef,
+                        source_map=source_map,
+                    )
+                )
         else:
             for gate, balance, coef in mole_variants:
                 name = _name("mole", gate, f"{balance}={coef:g}", tag)
@@ -144,6 +191,25 @@ def parse_variants(text: str) -> list[tuple[str, str, float]]:
         if len(parts) != 3:
             raise ValueError(f"MoLE variant {item!r} is not gate:balance:coef")
         variants.append((parts[0], parts[1], float(parts[2])))
+    return variants
+
+
+def parse_source_variants(text: str) -> list[SourceVariant]:
+    """``"prob:switch:0.01:1,prob:switch:0.01:1:0/0/1/1/2/2"`` -> (gate, balance, coef, source coef, map) tuples.
+
+    The optional fifth field is the expert of domain 0, 1, ... separated by ``/`` (many-to-one allowed); without it
+    domain d is sent to expert d.
+    """
+    variants: list[SourceVariant] = []
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        parts = item.split(":")
+        if len(parts) not in (4, 5):
+            raise ValueError(f"source-routing variant {item!r} is not gate:balance:coef:source_coef[:e0/e1/...]")
+        try:
+            source_map = tuple(int(e) for e in parts[4].split("/")) if len(parts) == 5 else None
+            variants.append((parts[0], parts[1], float(parts[2]), float(parts[3]), source_map))
+        except ValueError:
+            raise ValueError(f"source-routing variant {item!r}: coefficients are numbers, the map integers") from None
     return variants
 
 
@@ -239,6 +305,8 @@ def adapt_model(model: nn.Module, method: MethodSpec, train: TrainConfig) -> nn.
         balance_coef=method.balance_coef,
         z_loss_coef=method.z_loss_coef,
         impl=train.impl,
+        source_routing_coef=method.source_routing_coef,
+        source_expert_map=method.source_expert_map(),
     )
     if method.mlp_rank == rank:
         return apply_mole(model, mlp_cfg)
@@ -321,6 +389,14 @@ def evaluate(
     return np.asarray(losses), np.asarray(ems), tables
 
 
+def source_targets(model: nn.Module, num_domains: int) -> torch.Tensor:
+    """(D,) target expert of each domain index (-1: not supervised) from the routers' `MoLEConfig.source_experts`
+    (a ``ValueError`` when K < D without a map)."""
+    config = next(router for _, router in iter_routers(model)).config
+    table = config.source_experts([str(d) for d in range(num_domains)])
+    return torch.tensor([table.get(str(d), -1) for d in range(num_domains)], dtype=torch.long)
+
+
 def run_job(job: JobSpec) -> JobResult:
     """Train one method on one seed from the cached stage-0 base and record its learning curves.
 
@@ -344,6 +420,7 @@ def run_job(job: JobSpec) -> JobResult:
     torch.manual_seed(1000 + job.seed)
     adapt_model(model, method, train)
     params, activated = adapter_counts(model, method)
+    source_lookup = source_targets(model, task.num_domains) if method.source_routing_coef else None
     trainable = [p for p in model.parameters() if p.requires_grad]
     peak_lr = train.lr if method.lr is None else method.lr
     opt = torch.optim.AdamW(trainable, lr=peak_lr, weight_decay=0.0)
@@ -374,7 +451,8 @@ def run_job(job: JobSpec) -> JobResult:
             for group in opt.param_groups:
                 group["lr"] = peak_lr * lr_factor(step, total_steps)
             mask = torch.ones_like(ids)
-            with routing_mask(model, mask):
+            targets = None if source_lookup is None else source_lookup[data.domain[idx]]  # (B,) expert or -1
+            with routing_mask(model, mask), source_supervision(model, targets):
                 out = model(input_ids=ids, attention_mask=mask, labels=labels)
             loss = out.loss + collect_aux(model).total
             opt.zero_grad(set_to_none=True)

@@ -27,7 +27,13 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from experiments.conflict_study.methods import MethodSpec, adapter_counts, make_methods, parse_variants
+from experiments.conflict_study.methods import (
+    MethodSpec,
+    adapter_counts,
+    make_methods,
+    parse_source_variants,
+    parse_variants,
+)
 from mole_lightning.data import MixedInstructionDataModule, make_demo_data
 from mole_lightning.data.demo import DEMO_SOURCES, DemoData
 from mole_lightning.eval import GenerationEvalCallback
@@ -88,6 +94,9 @@ def run_mm_job(job: dict[str, Any]) -> dict[str, Any]:
         balance=method.balance,
         balance_coef=method.balance_coef,
         z_loss_coef=method.z_loss_coef,
+        source_routing_coef=method.source_routing_coef,
+        # a map over domain indices names the demo sources in their order; without one, source i -> expert i
+        source_expert_map=None if method.source_map is None else dict(zip(DEMO_SOURCES, method.source_map)),
     )
     lr = job["lr"] if method.lr is None else method.lr
     module = MoLELightningModule(
@@ -202,7 +211,10 @@ def run_multimodal_study(args: argparse.Namespace) -> dict[str, Any]:
         2: {"train": demo2.train, "val": demo1.val},
     }
     kinds = [k.strip() for k in args.methods.split(",") if k.strip()]
-    specs = make_methods(kinds, args.rank, args.experts, parse_variants(args.mole_variants), args.z_loss)
+    source_variants = parse_source_variants(args.source_variants)
+    specs = make_methods(
+        kinds, args.rank, args.experts, parse_variants(args.mole_variants), args.z_loss, source_variants
+    )
     seeds = list(range(args.seed_offset, args.seed_offset + args.mm_seeds))
     jobs = []
     for seed in seeds:

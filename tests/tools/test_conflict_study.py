@@ -155,6 +155,51 @@ def test_method_learning_rate_suffix() -> None:
         make_methods(["lora@0.1"], 2, 3, [])
 
 
+def test_source_routing_variants_parse_name_and_map() -> None:
+    from experiments.conflict_study.methods import make_methods, parse_source_variants
+
+    variants = parse_source_variants("prob:switch:0.01:1, none:pooled:0.05:0.5:0/0/1")
+    assert variants == [("prob", "switch", 0.01, 1.0, None), ("none", "pooled", 0.05, 0.5, (0, 0, 1))]
+    specs = make_methods(["mole_src"], 2, 3, [], source_variants=variants)
+    assert [s.name for s in specs] == [
+        "mole_src[prob,switch=0.01,src=1]",
+        "mole_src[none,pooled=0.05,src=0.5,map=0/0/1]",
+    ]
+    assert specs[1].source_expert_map() == {"0": 0, "1": 0, "2": 1} and specs[0].source_expert_map() is None
+    for bad in ("prob:switch:0.01", "prob:switch:0.01:x", "prob:switch:0.01:1:0/a"):
+        with pytest.raises(ValueError, match="source-routing variant"):
+            parse_source_variants(bad)
+
+
+def test_source_routed_job_sends_each_domain_to_its_expert(tmp_path) -> None:
+    """run_job with ``mole_src`` on a random tiny base, domains told by the input tokens' font: after a short run
+    more than 1/K of each domain's held-out tokens go to the expert its map names, in every routed layer (the
+    label is not used at evaluation); K < D without a map is refused."""
+    from transformers import LlamaForCausalLM
+
+    from experiments.conflict_study.base import BaseConfig, llama_config
+    from experiments.conflict_study.methods import JobSpec, TrainConfig, make_methods, parse_source_variants, run_job
+
+    task = TaskConfig(num_domains=3, num_symbols=6, num_fonts=3, style_purity=1.0, length=4)  # fonts tell the domain
+    base = BaseConfig(hidden=16, layers=2, heads=2, ffn=32)
+    torch.manual_seed(0)
+    path = str(tmp_path / "base.pt")
+    torch.save({"state_dict": LlamaForCausalLM(llama_config(task, base)).state_dict()}, path)
+    train = TrainConfig(rank=2, num_experts=3, per_domain=32, epochs=20, batch=16, lr=2e-2, eval_per_domain=16)
+    variants = parse_source_variants("prob:switch:0.01:1.0:2/0/1")
+    (spec,) = make_methods(["mole_src"], 2, 3, [], source_variants=variants)
+    result = run_job(JobSpec(task, base, train, spec, seed=0, base_path=path))
+    assert len(result.routing) == base.layers
+    for layer in result.routing:
+        shares = layer["domain"] / layer["domain"].sum(1, keepdims=True)  # (D, K)
+        for domain, expert in enumerate(spec.source_map):
+            assert shares[domain, expert] > 1 / 3, (domain, shares)
+
+    (unmapped,) = make_methods(["mole_src"], 2, 2, [], source_variants=parse_source_variants("prob:switch:0.01:1"))
+    with pytest.raises(ValueError, match="num_experts >= 3 sources"):
+        run_job(JobSpec(task, base, TrainConfig(rank=2, num_experts=2), unmapped, seed=0, base_path=path))
+
+
 @pytest.mark.slow
 def test_quick_mode_writes_table(tmp_path) -> None:
     tool = _load_tool()

@@ -3,10 +3,12 @@
 Run as a script (Lightning's launcher re-executes it once per extra process)::
 
     python tests/training/fsdp2_worker.py --devices 2 --out DIR --max-steps 3 [--ckpt-path DIR/ckpt/last.ckpt]
+        [--source-routing-coef C]
 
 Writes ``DIR/losses.jsonl`` (one ``{"step", "loss"}`` per optimizer step, the loss averaged over ranks) and
 checkpoints under ``DIR/ckpt``. Every sample has the same length and no padding, so the mean of the per-rank mean
-losses equals the loss of one process on the union of the ranks' samples.
+losses equals the loss of one process on the union of the ranks' samples. With ``--source-routing-coef`` every
+sample's source (``synthetic``) is supervised toward expert 1; that term is a mean over samples too, so the same holds.
 """
 
 from __future__ import annotations
@@ -88,12 +90,21 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--max-steps", type=int, required=True)
     parser.add_argument("--ckpt-path", default=None)
+    parser.add_argument("--source-routing-coef", type=float, default=0.0)
     args = parser.parse_args()
     torch.set_num_threads(1)
 
     module = MoLELightningModule(
         architecture=ModelSpec(preset="tiny"),
-        mole=MoLEConfig(num_experts=3, rank=4, alpha=8.0, dropout=0.0, balance_coef=0.0),  # no per-rank term
+        mole=MoLEConfig(  # no balance loss: a per-rank term
+            num_experts=3,
+            rank=4,
+            alpha=8.0,
+            dropout=0.0,
+            balance_coef=0.0,
+            source_routing_coef=args.source_routing_coef,
+            source_expert_map={"synthetic": 1} if args.source_routing_coef else None,
+        ),
         optimizer=lambda params: torch.optim.AdamW(params, lr=3e-3),
     )
     if args.devices == 1 and args.ckpt_path is None:  # the trainable tensors at init, for the test's movement check

@@ -18,9 +18,12 @@ WORKER = Path(__file__).with_name("fsdp2_worker.py")
 ROOT = WORKER.parents[2]
 
 
-def launch(out: Path, devices: int, max_steps: int, ckpt_path: Path | None = None) -> subprocess.Popen:
+def launch(
+    out: Path, devices: int, max_steps: int, ckpt_path: Path | None = None, extra: tuple[str, ...] = ()
+) -> subprocess.Popen:
     out.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, str(WORKER), "--devices", str(devices), "--out", str(out), "--max-steps", str(max_steps)]
+    command += list(extra)
     if ckpt_path is not None:
         command += ["--ckpt-path", str(ckpt_path)]
     env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_PORT")}

@@ -44,6 +44,8 @@ class LlavaMoLEOutput:
         z_loss: unweighted router z-loss (for logging).
         routing_stats: per-layer ``{"tokens_per_expert", "balance", "z_loss"}`` of this forward (padding
             excluded), or ``None`` when not requested or without MoLE.
+        source_routing_loss: unweighted source-supervised routing loss (for logging; zero unless
+            ``source_routing_coef > 0`` and targets were set with ``peft.source_supervision``), ``None`` without MoLE.
     """
 
     loss: torch.Tensor | None
@@ -52,6 +54,7 @@ class LlavaMoLEOutput:
     balance_loss: torch.Tensor
     z_loss: torch.Tensor
     routing_stats: dict[str, dict[str, Any]] | None = field(default=None)
+    source_routing_loss: torch.Tensor | None = None
 
     @property
     def total_loss(self) -> torch.Tensor:
@@ -419,6 +422,7 @@ class LlavaMoLE(nn.Module):
             balance_loss=aux.balance,
             z_loss=aux.z_loss,
             routing_stats=stats,
+            source_routing_loss=aux.source_routing,
         )
 
     def _apply(self, fn: Any, recurse: bool = True) -> LlavaMoLE:

@@ -24,6 +24,7 @@ from mole_lightning.peft.inject import (
     load_adapter_state_dict,
     routing_mask,
     routing_statistics,
+    source_supervision,
 )
 from mole_lightning.peft.layers import LoRALinear, MoLELinear
 from mole_lightning.peft.router import MoLEAux, MoLERouter, RoutingDecision
@@ -52,4 +53,5 @@ __all__ = [
     "register_gate",
     "routing_mask",
     "routing_statistics",
+    "source_supervision",
 ]

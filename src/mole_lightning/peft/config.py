@@ -55,6 +55,12 @@ class MoLEConfig:
             ``"grouped"``: sort tokens by expert and use ``torch.nn.functional.grouped_mm``. ``"auto"``: picks
             by device, dtype and shapes.
         router_bias: whether the router Linear(d, K) has a bias (the official code has one).
+        source_routing_coef: weight of the source-supervised routing loss (0 disables it): per MLP router,
+            ``-log p̄_b[e_b]`` with ``p̄_b`` the sample's router probabilities averaged over its valid tokens and
+            ``e_b`` the expert assigned to the sample's data source (`source_experts`); averaged over layers and
+            over samples with a known source. Training only: the router needs no label at inference.
+        source_expert_map: ``{source: expert}`` assignment for that loss (many-to-one allowed; sources left out are
+            not supervised). ``None``: one expert per source, in the order the training sources are declared.
     """
 
     num_experts: int = 3
@@ -71,6 +77,8 @@ class MoLEConfig:
     z_loss_coef: float = 0.0
     impl: ComputeImpl = "auto"
     router_bias: bool = True
+    source_routing_coef: float = 0.0
+    source_expert_map: dict[str, int] | None = None
 
     def __post_init__(self) -> None:
         self.attn_targets = list(self.attn_targets)
@@ -95,7 +103,13 @@ class MoLEConfig:
         for name in ("balance_coef", "z_loss_coef"):
             if getattr(self, name) < 0:
                 raise ValueError(f"MoLEConfig.{name} must be >= 0, got {getattr(self, name)!r}")
-        if not gate.router_gradient and self.num_experts > 1 and self.balance_coef == 0:
+        self._check_source_routing()
+        if (
+            not gate.router_gradient
+            and self.num_experts > 1
+            and self.balance_coef == 0
+            and not self.source_routing_coef
+        ):
             raise ValueError(
                 f"MoLEConfig: gate={self.gate!r} with balance_coef=0 never trains the router (the balance loss is its "
                 "only gradient); set balance_coef > 0 (official: 0.05 with balance='pooled') or use gate='prob'"
@@ -105,6 +119,41 @@ class MoLEConfig:
             raise ValueError(f"MoLEConfig: {sorted(overlap)} listed in both attn_targets and mlp_targets")
         if not self.attn_targets and not self.mlp_targets:
             raise ValueError("MoLEConfig: attn_targets and mlp_targets are both empty; nothing to adapt")
+
+    def _check_source_routing(self) -> None:
+        """Validate ``source_routing_coef`` and ``source_expert_map`` (experts must exist: 0 <= e < K)."""
+        if not self.source_routing_coef >= 0:
+            raise ValueError(f"MoLEConfig.source_routing_coef must be >= 0, got {self.source_routing_coef!r}")
+        if self.source_routing_coef > 0 and self.num_experts < 2:
+            raise ValueError("MoLEConfig.source_routing_coef > 0 needs num_experts >= 2 (K = 1 has no router)")
+        if self.source_expert_map is None:
+            return
+        self.source_expert_map = dict(self.source_expert_map)
+        for source, expert in self.source_expert_map.items():
+            if isinstance(expert, bool) or not isinstance(expert, int) or not 0 <= expert < self.num_experts:
+                raise ValueError(
+                    f"MoLEConfig.source_expert_map[{source!r}] = {expert!r} is not an expert index in "
+                    f"[0, {self.num_experts}) (num_experts={self.num_experts})"
+                )
+
+    def source_experts(self, sources: list[str]) -> dict[str, int]:
+        """``{source: expert}`` targets of the source-supervised routing loss for the declared training ``sources``.
+
+        With ``source_expert_map`` that map; otherwise expert ``i`` for the ``i``-th source, which needs
+        K >= len(sources). Sources absent from the result contribute nothing to the loss.
+
+        Raises:
+            ValueError: K < len(sources) without a map.
+        """
+        if self.source_expert_map is not None:
+            return dict(self.source_expert_map)
+        sources = list(dict.fromkeys(sources))
+        if len(sources) > self.num_experts:
+            raise ValueError(
+                f"source routing with one expert per source needs num_experts >= {len(sources)} sources "
+                f"{sources}, got num_experts={self.num_experts}; set mole.source_expert_map to share experts"
+            )
+        return {source: index for index, source in enumerate(sources)}
 
     @property
     def scaling(self) -> float:

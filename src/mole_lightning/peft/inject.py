@@ -6,7 +6,8 @@ directly holds Linear children named like ``mlp_targets`` becomes a MoLE block (
 alone. Nothing depends on a model's attribute paths, so Llama/Vicuna, Mistral, Qwen2/3 and LLaVA wrappers all work.
 
 After a forward, `collect_aux` gives the weighted auxiliary loss (with grad) and `routing_statistics` the per-layer
-raw statistics; `routing_mask` tells the routers which tokens are padding.
+raw statistics; `routing_mask` tells the routers which tokens are padding and `source_supervision` which expert
+each sample's source is assigned to (for the source-supervised routing loss).
 """
 
 from __future__ import annotations
@@ -22,7 +23,14 @@ from torch.distributed.tensor import distribute_tensor
 
 from mole_lightning.peft.config import MoLEConfig
 from mole_lightning.peft.layers import LoRALinear, MoLELinear, _FrozenLinearBase, adapter_device
-from mole_lightning.peft.router import MoLEAux, MoLERouter, pooled_balance_loss, switch_balance_loss, z_loss
+from mole_lightning.peft.router import (
+    MoLEAux,
+    MoLERouter,
+    pooled_balance_loss,
+    source_routing_loss,
+    switch_balance_loss,
+    z_loss,
+)
 
 DEFAULT_EXCLUDE: tuple[str, ...] = (
     "vision_tower",
@@ -138,17 +146,36 @@ def routing_mask(model: nn.Module, attention_mask: torch.Tensor | None) -> Itera
             router.token_mask = None
 
 
+@contextlib.contextmanager
+def source_supervision(model: nn.Module, source_expert: torch.Tensor | None) -> Iterator[None]:
+    """Within the block, routers record ``source_expert`` (B,) int64, the target expert of each sample's source
+    (-1: unknown, not supervised), for the source-supervised routing loss of `collect_aux`.
+
+    Nothing else changes: routing, outputs and the other losses are the same with or without it.
+    """
+    routers = [router for _, router in iter_routers(model)]
+    for router in routers:
+        router.source_expert = source_expert
+    try:
+        yield
+    finally:
+        for router in routers:
+            router.source_expert = None
+
+
 def collect_aux(model: nn.Module) -> MoLEAux:
     """Auxiliary router losses of the last forward: ``total`` weighted by the config's coefficients (with grad).
 
     ``balance`` is the switch loss averaged over layers or the pooled loss, as configured; ``z_loss`` is averaged over
-    layers. All are zero tensors when the model has no router (K = 1) or no router has run.
+    layers; ``source_routing`` is the source-supervised routing loss (computed only when ``source_routing_coef > 0``
+    and targets were given with `source_supervision`; zero otherwise, and then ``total`` is the same tensor
+    expression as without it). All are zero tensors when the model has no router (K = 1) or no router has run.
     """
     routers = [router for _, router in iter_routers(model) if router.record is not None]
     if not routers:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         zero = torch.zeros((), device=device)
-        return MoLEAux(total=zero, balance=zero, z_loss=zero)
+        return MoLEAux(total=zero, balance=zero, z_loss=zero, source_routing=zero)
     config = routers[0].config
     records = [router.record for router in routers]
     if config.balance == "pooled":
@@ -157,7 +184,11 @@ def collect_aux(model: nn.Module) -> MoLEAux:
         balance = torch.stack([switch_balance_loss(r.probs, r.expert, r.valid) for r in records]).mean()
     z = torch.stack([z_loss(r.logits, r.valid) for r in records]).mean()
     total = config.balance_coef * balance + config.z_loss_coef * z
-    return MoLEAux(total=total, balance=balance, z_loss=z)
+    source = torch.zeros((), device=z.device)
+    if config.source_routing_coef > 0 and any(r.source_expert is not None for r in records):
+        source = source_routing_loss(records)
+        total = total + config.source_routing_coef * source
+    return MoLEAux(total=total, balance=balance, z_loss=z, source_routing=source)
 
 
 @torch.no_grad()

@@ -18,6 +18,8 @@ Losses, over valid (non-padding) tokens only:
     switch balance  per layer  K * sum_i f_i * P_i, averaged over layers      f_i: fraction of tokens routed to i
     pooled balance  per sample sum_i f_i * P_i over all layers' tokens pooled, averaged over samples (no K factor)
     z-loss          per layer  mean(logsumexp(logits)^2), averaged over layers  P_i: mean probability of expert i
+    source routing  per layer  mean over samples b with a known target e_b of -log p̄_b[e_b], averaged over layers
+                    p̄_b = mean over b's valid tokens of probs (K,); e_b = -1 (unknown source) contributes nothing
 """
 
 from __future__ import annotations
@@ -82,6 +84,7 @@ class RouterRecord:
     expert: torch.Tensor  # (T,)
     valid: torch.Tensor  # (T,) bool
     batch_size: int  # B, with T = B * S
+    source_expert: torch.Tensor | None = None  # (B,) int64 target expert of each sample, -1 unknown (None: unset)
 
 
 class MoLEAux(NamedTuple):
@@ -90,6 +93,7 @@ class MoLEAux(NamedTuple):
     total: torch.Tensor
     balance: torch.Tensor
     z_loss: torch.Tensor
+    source_routing: torch.Tensor
 
 
 class _Fp32Linear(torch.autograd.Function):
@@ -148,6 +152,7 @@ class MoLERouter(nn.Module):
         else:
             self.register_parameter("bias", None)
         self.token_mask: torch.Tensor | None = None
+        self.source_expert: torch.Tensor | None = None  # (B,) set by `inject.source_supervision`
         self.decision: RoutingDecision | None = None
         self.record: RouterRecord | None = None
         self.reset_parameters()
@@ -193,7 +198,14 @@ class MoLERouter(nn.Module):
         if not _in_backward_pass():  # activation-checkpoint recomputation keeps the forward's record (and its mask)
             batch_size = leading_shape[0] if len(leading_shape) == 2 else 1
             valid = self._valid_tokens(leading_shape, x.device)
-            self.record = RouterRecord(logits=logits, probs=probs, expert=expert, valid=valid, batch_size=batch_size)
+            self.record = RouterRecord(
+                logits=logits,
+                probs=probs,
+                expert=expert,
+                valid=valid,
+                batch_size=batch_size,
+                source_expert=self.source_expert,
+            )
         self.decision = RoutingDecision(expert=expert, coeff=coeff, dense=gate.dense)
         return self.decision
 
@@ -250,3 +262,34 @@ def pooled_balance_loss(records: list[RouterRecord]) -> torch.Tensor:
     denom = token_counts.clamp_min(1.0)
     per_sample = ((prob_sums / denom) * (count_sums / denom)).sum(-1)  # (B,)
     return per_sample[has_tokens].mean()
+
+
+def source_routing_loss(records: list[RouterRecord]) -> torch.Tensor:
+    """Source-supervised routing loss: per layer, mean over samples b with a target e_b >= 0 and a valid token of
+    ``-log p̄_b[e_b]`` where ``p̄_b = mean_{t valid in b} softmax(logits_{b,t})`` (K,); averaged over layers.
+
+    Computed as ``log n_b - logsumexp_t log_softmax(logits_{b,t})[e_b]`` (stable for tiny probabilities) and without
+    data-dependent branches or host syncs; 0 (with a graph) when no sample qualifies or no target was set.
+    """
+    per_layer = []
+    for rec in records:
+        if rec.source_expert is None:
+            continue
+        batch_size, num_experts = rec.batch_size, rec.logits.shape[-1]
+        target = rec.source_expert.to(device=rec.logits.device, dtype=torch.long).reshape(-1)  # (B,)
+        if target.shape[0] != batch_size:
+            raise ValueError(f"source routing targets for {target.shape[0]} samples, the batch has {batch_size}")
+        valid = rec.valid.reshape(batch_size, -1)  # (B, S)
+        counts = valid.sum(1)  # (B,)
+        weight = ((target >= 0) & (counts > 0)).to(rec.logits.dtype)  # (B,) samples that count
+        # a sample without valid tokens pools all its tokens instead, so every term stays finite (weight 0 anyway)
+        pooled = valid | (counts == 0)[:, None]  # (B, S)
+        log_probs = rec.logits.log_softmax(-1).reshape(batch_size, -1, num_experts)  # (B, S, K)
+        index = target.clamp(0, num_experts - 1)[:, None, None].expand(-1, log_probs.shape[1], 1)
+        target_log_probs = log_probs.gather(2, index).squeeze(2)  # (B, S)
+        target_log_probs = target_log_probs.masked_fill(~pooled, float("-inf"))
+        log_mean = torch.logsumexp(target_log_probs, dim=1) - pooled.sum(1).to(rec.logits.dtype).log()  # (B,)
+        per_layer.append(-(weight * log_mean).sum() / weight.sum().clamp_min(1.0))
+    if not per_layer:
+        return records[0].logits.sum() * 0.0
+    return torch.stack(per_layer).mean()

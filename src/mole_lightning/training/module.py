@@ -2,7 +2,11 @@
 
 What a step does::
 
-    batch ── LlavaMoLE ──> CE loss (labels != -100) + weighted MoLE aux loss (balance, z) = returned loss
+    batch ── LlavaMoLE ──> CE loss (labels != -100) + weighted MoLE aux (balance, z, source routing) = returned loss
+
+With ``mole.source_routing_coef > 0`` each sample's ``source`` (from the batch) is mapped to its target expert
+(:meth:`MoLEConfig.source_experts` over the DataModule's declared training ``sources``) and handed to the routers
+with :func:`~mole_lightning.peft.source_supervision`; the term is logged as ``train/source_routing_loss``.
 
 Lightning divides the returned loss by ``accumulate_grad_batches``, so the LM and the aux loss are scaled alike.
 The network is built in :meth:`MoLELightningModule.configure_model` (idempotent; sharded with FSDP2 when the
@@ -28,7 +32,7 @@ from mole_lightning.eval.tasks import task_generation_kwargs
 from mole_lightning.generation import generate_answers, prediction_records
 from mole_lightning.models import ModelSpec, load_adapters, missing_trainable, select_trainable, trainable_names
 from mole_lightning.models.vision import VisionGeometry
-from mole_lightning.peft import MoLEConfig, expert_counts_per_sample
+from mole_lightning.peft import MoLEConfig, expert_counts_per_sample, source_supervision
 from mole_lightning.training.nonfinite import NonFiniteSteps
 from mole_lightning.training.optim import parameter_groups
 from mole_lightning.training.sharded_loading import shard_and_load
@@ -94,6 +98,7 @@ class MoLELightningModule(pl.LightningModule):
         self.nonfinite = NonFiniteSteps(max_nonfinite_in_a_row)
         self.flops_per_batch: int | None = None  # read by Lightning's ThroughputMonitor
         self.eval_metric: SourceLossMetric | None = None
+        self._source_experts: dict[str, int] | None = None
 
     @classmethod
     def from_hparams(cls, hparams: dict[str, Any]) -> MoLELightningModule:
@@ -155,9 +160,50 @@ class MoLELightningModule(pl.LightningModule):
         return self.require_model()(**{k: batch.get(k) for k in keys}, return_routing_stats=False)
 
     # ------------------------------------------------------------------------------------------------ training
+    def source_experts(self) -> dict[str, int] | None:
+        """``{source: expert}`` targets of the source-supervised routing loss; ``None`` when it is off.
+
+        One expert per source of ``trainer.datamodule.sources`` in declared order, or ``mole.source_expert_map``.
+
+        Raises:
+            ValueError: the loss is on, there is no map and the DataModule declares no training sources, or K is
+                smaller than their number.
+        """
+        config = self.resolved_mole_config()
+        if config is None or not config.source_routing_coef:
+            return None
+        if self._source_experts is None:
+            datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+            declared = list(getattr(datamodule, "sources", None) or [])
+            if config.source_expert_map is None and not declared:
+                raise ValueError(
+                    "mole.source_routing_coef > 0 needs the DataModule's training sources (data.sources) or "
+                    "mole.source_expert_map"
+                )
+            self._source_experts = config.source_experts(declared)
+        return self._source_experts
+
+    def source_expert_ids(self, batch: dict[str, Any]) -> torch.Tensor | None:
+        """(B,) int64 target expert of each sample's ``source`` (-1: unknown or missing); ``None`` when off."""
+        table = self.source_experts()
+        if table is None:
+            return None
+        sources = batch.get("source") or [""] * batch["input_ids"].shape[0]
+        return torch.tensor([table.get(str(s), -1) for s in sources], dtype=torch.long, device=self.device)
+
+    def on_fit_start(self) -> None:
+        """Resolve the source-to-expert targets once per fit (a bad source setup fails before the first step)."""
+        self._source_experts = None
+        self.source_experts()
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         """LM loss + weighted MoLE aux loss; skips (returns ``None``) on a non-finite loss (all ranks together)."""
-        out = self(batch)
+        targets = self.source_expert_ids(batch)
+        if targets is None:
+            out = self(batch)
+        else:
+            with source_supervision(self.require_model().language_model, targets):
+                out = self(batch)
         total = out.loss + out.aux_loss
         size = batch["input_ids"].shape[0]
         images = int(batch["pixel_values"].shape[0]) if batch.get("pixel_values") is not None else 0
@@ -171,6 +217,8 @@ class MoLELightningModule(pl.LightningModule):
             return None
         self.log("train/loss", out.loss.detach(), on_step=True, prog_bar=True, batch_size=size)
         parts = {"aux_loss": out.aux_loss, "balance_loss": out.balance_loss, "z_loss": out.z_loss, "total_loss": total}
+        if targets is not None:
+            parts["source_routing_loss"] = out.source_routing_loss
         self.log_dict({f"train/{k}": v.detach() for k, v in parts.items()}, on_step=True, batch_size=size)
         return total
 
