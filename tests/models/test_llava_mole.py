@@ -127,7 +127,7 @@ def test_training_step_grads_only_on_adapters_routers_projector(tokenizer_with_i
     assert any(".mlp." in n and "lora_B" in n for n in with_grad)  # experts
     assert not any(p.requires_grad for p in model.vision_tower.parameters())
     assert not model.vision_tower.training
-    groups = model.parameter_groups()
+    groups = model.parameter_roles()
     assert set(groups) == {"adapters", "routers", "projector"}
     assert sum(len(v) for v in groups.values()) == len(trainable)
 

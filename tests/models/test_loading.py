@@ -72,7 +72,7 @@ def test_new_token_rows_train_only_new_rows(llm_dir, make_batch):
     emb = model.language_model.get_input_embeddings().weight
     assert head.grad[44:].any() and not head.grad[:44].any()
     assert emb.grad is not None and not emb.grad[:44].any()
-    assert "embeddings" in model.parameter_groups()
+    assert "embeddings" in model.parameter_roles()
 
 
 def test_zero_frozen_token_row_grads_masks_assigned_gradients(llm_dir):

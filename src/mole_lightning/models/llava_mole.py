@@ -234,8 +234,9 @@ class LlavaMoLE(nn.Module):
         else:
             lm.gradient_checkpointing_disable()
 
-    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Trainable parameters by role, for optimizer groups (each parameter in exactly one group).
+    def parameter_roles(self) -> dict[str, list[nn.Parameter]]:
+        """Trainable parameters by role, each in exactly one (the roles that
+        :func:`~mole_lightning.training.optim.parameter_groups` splits into optimizer groups).
 
         Returns:
             ``{"adapters": LoRA and expert weights, "routers": router weights, "projector": …, "embeddings":

@@ -19,12 +19,12 @@ def is_no_decay(name: str, param: torch.Tensor) -> bool:
 def parameter_groups(model: nn.Module, lrs: dict[str, float | None]) -> list[dict[str, Any]]:
     """Parameter groups of the trainable parameters of a ``LlavaMoLE``.
 
-    Roles from ``model.parameter_groups()`` (adapters, routers, projector, embeddings, other), each split into a
+    Roles from ``model.parameter_roles()`` (adapters, routers, projector, embeddings, other), each split into a
     decayed part and a ``weight_decay=0`` part (biases, norms, 1-D tensors; embeddings never decay). A role listed
     in ``lrs`` with a value gets that learning rate. Empty groups are dropped; every group has a ``name`` (used by
     ``LearningRateMonitor``: ``lr-<Optimizer>/<name>``).
     """
-    role_of = {id(p): role for role, params in model.parameter_groups().items() for p in params}
+    role_of = {id(p): role for role, params in model.parameter_roles().items() for p in params}
     buckets: dict[tuple[str, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
