@@ -384,3 +384,30 @@ def test_shipped_chat_template_takes_content_lists_and_renders_the_training_stri
     assert shipped == qwen2.apply_chat_template(as_trained, tokenize=False)
     llava = load_tokenizer(str(real_folders["llava_hf"]))  # a processor template that takes lists: shipped as it is
     assert llava_hf_chat_template(llava, "processor", None, "<image>") == processor_chat_template(llava)
+
+
+def test_trained_token_rows_are_merged_into_llava_hf_and_kept_alone_in_mole_exports(real_folders, tmp_path):
+    """With ``train_new_token_rows`` (vicuna's tokenizer lacks ``<image>``: one added row), the llava-hf export's
+    embedding and head hold the trained rows in place (transformers' logits equal ours), and a mole export holds
+    only those rows (``(V - start, D)``), not the vocabulary."""
+    torch.manual_seed(3)
+    model = build_llava_mole(
+        llm_path=str(real_folders["vicuna"]),
+        vision_name_or_path=str(real_folders["clip"]),
+        projector_path=str(real_folders["mm_projector"]),
+        mole=MoLEConfig(**LORA),
+        train_new_token_rows=True,
+    )
+    randomize_adapters(model, seed=3)
+    with torch.no_grad():  # trained rows that differ from the frozen matrices' rows
+        for rows in model.token_rows.values():
+            rows.add_(torch.randn(rows.shape, generator=torch.Generator().manual_seed(4)))
+    start = model.token_row_start
+    out = export_model(model, tmp_path / "hf", to="llava-hf", merge=True)
+    hf = check_llava_hf_folder(model, out)
+    torch.testing.assert_close(hf.get_input_embeddings().weight[start:], model.token_rows["input"], rtol=0, atol=0)
+    torch.testing.assert_close(hf.get_output_embeddings().weight[start:], model.token_rows["output"], rtol=0, atol=0)
+    weights = load_file(str(export_model(model, tmp_path / "mole", to="mole") / "adapter_model.safetensors"))
+    vocab, hidden = model.language_model.get_input_embeddings().weight.shape
+    rows = {k: tuple(v.shape) for k, v in weights.items() if not k.startswith(("language_model.", "projector."))}
+    assert rows == {"token_rows.input": (vocab - start, hidden), "token_rows.output": (vocab - start, hidden)}

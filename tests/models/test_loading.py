@@ -16,6 +16,7 @@ from mole_lightning.models import (
     load_llava_hf,
     load_projector,
     save_adapters,
+    trainable_state_dict,
 )
 from mole_lightning.peft import MoLEConfig
 
@@ -60,45 +61,60 @@ def test_tokenizer_with_image_token_does_not_resize(tmp_path, tokenizer_with_ima
     assert model.language_model.get_input_embeddings().weight.shape[0] == len(tokenizer_with_image) == 45
 
 
-def test_new_token_rows_train_only_new_rows(llm_dir, make_batch):
+def test_new_token_rows_train_only_new_rows(llm_dir, make_batch, tmp_path):
+    """Only the added rows are parameters (``token_rows.*``, (V - 44, D)): the embedding and head weights stay
+    frozen; logits equal those of the plain LM whose matrices hold the trained rows; a few AdamW steps move the new
+    head row (its moments are (1, D)); the trainable state and an export hold only the rows and reload to equal
+    logits."""
     path, _ = llm_dir
+    torch.manual_seed(0)  # the random tower, as for the reloaded model below
     model = build_llava_mole(
         llm_path=str(path), vision_config=clip_config_kwargs(), mole=MOLE, train_new_token_rows=True
     ).train()
+    head = model.language_model.get_output_embeddings().weight
+    emb = model.language_model.get_input_embeddings().weight
+    frozen_head, frozen_emb = head.detach().clone(), emb.detach().clone()
+    D = emb.shape[1]  # noqa: N806 (the hidden size, as in the docstrings)
+    assert not head.requires_grad and not emb.requires_grad
+    assert {k: tuple(v.shape) for k, v in model.token_rows.items()} == {"input": (1, D), "output": (1, D)}
+    assert model.parameter_roles()["embeddings"] == list(model.token_rows.values())
     batch = make_batch(model.image_token_id)
     batch["labels"][0, -1] = model.image_token_id  # make the new output row receive a gradient
-    model(**batch).total_loss.backward()
-    head = model.language_model.get_output_embeddings().weight
-    emb = model.language_model.get_input_embeddings().weight
-    assert head.grad[44:].any() and not head.grad[:44].any()
-    assert emb.grad is not None and not emb.grad[:44].any()
-    assert "embeddings" in model.parameter_roles()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    before = model.token_rows["output"].detach().clone()
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(**batch).total_loss.backward()
+        assert head.grad is None and emb.grad is None
+        optimizer.step()
+    assert not torch.equal(model.token_rows["output"], before)  # the new row learns
+    assert torch.equal(head, frozen_head) and torch.equal(emb, frozen_emb)
+    moments = optimizer.state[model.token_rows["output"]]
+    assert moments["exp_avg"].shape == moments["exp_avg_sq"].shape == (1, D)
 
-
-def test_zero_frozen_token_row_grads_masks_assigned_gradients(llm_dir):
-    """Gradients written outside autograd (as FSDP2 does) are masked by the explicit call, also from the
-    Lightning module's ``on_before_optimizer_step``."""
-    from types import SimpleNamespace
-
-    from mole_lightning.training import MoLELightningModule
-
-    path, _ = llm_dir
-    model = build_llava_mole(llm_path=str(path), vision_config=clip_config_kwargs(), train_new_token_rows=True)
-    head = model.language_model.get_output_embeddings().weight
-    emb = model.language_model.get_input_embeddings().weight
-    for weight in (head, emb):
-        weight.grad = torch.ones_like(weight)
-    holder = SimpleNamespace(model=model)
-    holder.require_model = lambda: model
-    MoLELightningModule.on_before_optimizer_step(holder, None)
-    for weight in (head, emb):
-        assert not weight.grad[:44].any() and bool((weight.grad[44:] == 1).all())
-    frozen = build_llava_mole(llm_path=str(path), vision_config=clip_config_kwargs())
-    frozen.zero_frozen_token_row_grads()  # no trainable rows: nothing to do, no error
-    head.data = head.data.flatten()  # FSDP1 (use_orig_params) exposes 1-D views of its flat shard
-    head.grad = torch.ones_like(head)  # no row structure left: refuse rather than zero the wrong elements
-    with pytest.raises(RuntimeError, match="FSDP1 flattens"):
-        model.zero_frozen_token_row_grads()
+    model.eval()
+    with torch.no_grad():  # reference: the merged matrices in an LM without hooks
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        merged = model.merged_embedding_state()
+        assert set(merged) == {"model.embed_tokens.weight", "lm_head.weight"}
+        hidden = model.language_model.model(inputs_embeds=torch.randn(1, 3, D)).last_hidden_state
+        expected = F.linear(hidden, merged["lm_head.weight"])
+        # fp32 dot products of length D in another blocking: |error| <= D * eps * (|h| @ |W|^T)
+        bound = D * torch.finfo(torch.float32).eps * F.linear(hidden.abs(), merged["lm_head.weight"].abs())
+        assert bool(((model.language_model.lm_head(hidden) - expected).abs() <= bound).all())
+        ids = torch.tensor([[44, 3, 44]])
+        assert torch.equal(model.language_model.get_input_embeddings()(ids), merged["model.embed_tokens.weight"][ids])
+        assert torch.equal(merged["lm_head.weight"][44:], model.token_rows["output"])
+    state = trainable_state_dict(model)
+    rows = {k: tuple(v.shape) for k, v in state.items() if "embed" in k or "lm_head" in k or "token_rows" in k}
+    assert rows == {"token_rows.input": (1, D), "token_rows.output": (1, D)}
+    save_adapters(model, tmp_path / "export")
+    torch.manual_seed(0)
+    reloaded = load_adapters(
+        build_llava_mole(llm_path=str(path), vision_config=clip_config_kwargs()), tmp_path / "export"
+    ).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(**{k: v for k, v in batch.items() if k != "labels"}).logits, logits)
 
 
 def test_llava_hf_checkpoint_reproduces_transformers_outputs(llava_hf_checkpoint, make_batch):

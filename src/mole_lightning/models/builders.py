@@ -194,10 +194,11 @@ def build_llava_mole(
         projector_path: LLaVA stage-1 ``mm_projector.bin`` (or safetensors) to initialise the projector.
         mole: a ``MoLEConfig`` (or its dict) to adapt the LLM with; ``None`` trains the projector only (stage 1).
         dtype: dtype of the frozen LLM and tower (``None``: float32); trained tensors (projector, adapters,
-            routers) are fp32 master weights that compute in their input's dtype.
+            routers, added token rows) are fp32 master weights that compute in their input's dtype.
         attn_implementation: LLM attention backend.
         image_token: image placeholder token.
-        train_new_token_rows: make embedding rows added for new tokens trainable.
+        train_new_token_rows: train the embedding (and head) rows added for new tokens, as parameters of their own
+            (``LlavaMoLE.train_new_token_rows``).
         pad_to_multiple_of: round the resized vocabulary up (e.g. 64) when tokens are added.
         trust_remote_code: allow custom code from model/tokenizer directories.
         frozen_on_meta: build the LLM (from an ``llm_path`` folder) and the HF tower (from a

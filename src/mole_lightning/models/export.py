@@ -166,7 +166,7 @@ def llava_hf_state_dict(model: LlavaMoLE, *, merge: bool) -> dict[str, torch.Ten
     for index, hf_name in ((0, "linear_1"), (2, "linear_2")):
         for key, value in model.projector[index].state_dict().items():
             state[f"model.multi_modal_projector.{hf_name}.{key}"] = value
-    for key, value in lm.state_dict().items():
+    for key, value in {**lm.state_dict(), **model.merged_embedding_state()}.items():  # trained token rows in place
         if key in adapter_names:
             continue
         if key.startswith(f"{prefix}."):

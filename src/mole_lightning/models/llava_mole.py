@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
-from torch.distributed.tensor import distribute_tensor
 
 from mole_lightning.models.vision import VisionTower
 from mole_lightning.peft import apply_mole, collect_aux, routing_mask, routing_statistics
@@ -64,6 +64,33 @@ class LlavaMoLEOutput:
         return self.loss + self.aux_loss
 
 
+class _TokenRowsHook:
+    """Forward hook putting the trained rows of added tokens (``owner.token_rows[key]``) in place of the frozen
+    rows ``owner.token_row_start:`` of an input embedding or an LM head (see ``LlavaMoLE.train_new_token_rows``).
+
+    The rows are looked up on the owner at each call, so the hook follows the parameters FSDP2 swaps in.
+    """
+
+    def __init__(self, owner: LlavaMoLE, key: str) -> None:
+        self.owner = owner
+        self.key = key
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
+        start = self.owner.token_row_start
+        rows = self.owner.token_rows[self.key]
+        inputs = args[0] if args else next(iter(kwargs.values()))
+        if isinstance(module, nn.Embedding):  # ids (B, T) -> (B, T, D)
+            new = (inputs >= start).unsqueeze(-1)
+            looked_up = F.embedding((inputs - start).clamp(min=0), rows).to(output.dtype)
+            scale = getattr(module, "embed_scale", None)  # scaled embeddings (Gemma) multiply inside forward
+            if scale is not None:
+                looked_up = looked_up * scale.to(output.dtype)
+            return torch.where(new, looked_up, output)
+        bias = module.bias[start:] if getattr(module, "bias", None) is not None else None  # hidden (…, D) -> (…, V)
+        logits = F.linear(inputs, rows.to(inputs.dtype), None if bias is None else bias.to(inputs.dtype))
+        return torch.cat([output[..., :start], logits.to(output.dtype)], dim=-1)
+
+
 class LlavaMoLE(nn.Module):
     """Vision tower + projector + (MoLE-adapted) causal LM, LLaVA-1.5 style.
 
@@ -98,7 +125,7 @@ class LlavaMoLE(nn.Module):
         self.tokenizer: Any = None  # set by the builders/loaders (tokenizer with the image token)
         self.token_row_start: int | None = None
         self._token_row_hooks: list[Any] = []
-        self._row_index_cache: dict[Any, torch.Tensor] = {}  # sharded gradient layout -> global row indices
+        self.token_rows = nn.ParameterDict()  # trained rows of added tokens: "input", "output" (untied head)
         self.vision_tower.freeze()
         self.language_model.requires_grad_(False)
         self.projector.requires_grad_(True)
@@ -128,73 +155,67 @@ class LlavaMoLE(nn.Module):
         self.mole_config = config
         self.vision_tower.freeze()
         self.projector.requires_grad_(True)
-        if self.token_row_start is not None:
-            self.train_new_token_rows(self.token_row_start)
         return self
 
     def train_new_token_rows(self, start: int) -> None:
-        """Make rows ``start:`` of the input (and untied output) embeddings trainable, e.g. added tokens.
+        """Train the embedding rows ``start:`` (tokens added to the vocabulary) and only them.
 
-        The whole matrices get ``requires_grad=True`` and a gradient hook zeroes the rows before ``start``, so only
-        the new rows change (use weight decay 0 on the "embeddings" parameter group). Under FSDP2 the hooks do not
-        see the sharded gradients: call :meth:`zero_frozen_token_row_grads` before each optimizer step (the
-        Lightning module does).
+        The input embedding and LM head weights stay frozen; the trained rows are small parameters of their own,
+        ``token_rows.input`` (``(V - start, D)``) and, for an untied head, ``token_rows.output``, initialised from
+        the weights' rows and used in their place by forward hooks: for a token id ``i >= start`` the input
+        embedding returns ``token_rows.input[i - start]``, and the head's logits ``start:`` are
+        ``hidden @ token_rows.output.T`` (``token_rows.input`` when the head is tied to the input embedding). So
+        checkpoints and optimizer states hold only the new rows; :meth:`merged_embedding_state` gives the full
+        matrices for exports. Calling it again with the same ``start`` keeps the trained rows.
 
         Args:
             start: first trainable row (the vocabulary size before tokens were added).
         """
+        start = int(start)
         for handle in self._token_row_hooks:
             handle.remove()
         self._token_row_hooks = []
-        self.token_row_start = int(start)
+        weights = self.embedding_weights()
+        for weight in weights:
+            weight.requires_grad_(False)
+        if self.token_row_start != start or len(self.token_rows) != len(weights):
+            rows = {name: nn.Parameter(self._added_rows(w, start)) for name, w in zip(("input", "output"), weights)}
+            self.token_rows = nn.ParameterDict(rows)
+        self.token_row_start = start
+        embed = self.language_model.get_input_embeddings()
+        self._token_row_hooks.append(embed.register_forward_hook(_TokenRowsHook(self, "input"), with_kwargs=True))
+        head = self.language_model.get_output_embeddings()
+        if head is not None:
+            key = "output" if "output" in self.token_rows else "input"
+            self._token_row_hooks.append(head.register_forward_hook(_TokenRowsHook(self, key), with_kwargs=True))
 
-        def keep_new_rows(grad: torch.Tensor) -> torch.Tensor:
-            grad = grad.clone()
-            grad[:start] = 0
-            return grad
+    def _added_rows(self, weight: torch.Tensor, start: int) -> torch.Tensor:
+        """An fp32 copy of the rows ``start:`` of an embedding weight; for a weight on meta (``frozen_on_meta``
+        builds) the rows the resize added, kept in its ``weight_sources`` entry."""
+        if not weight.is_meta:
+            return weight.detach()[start:].to(torch.float32, copy=True)
+        source = getattr(self, "weight_sources", {}).get(id(weight))
+        added = getattr(source, "added_rows", None)
+        if added is None or added.shape[0] != weight.shape[0] - start:
+            raise ValueError(f"the embedding weight is on meta and its rows {start}: are not known")
+        return added.to(torch.float32, copy=True)
 
-        weights = {id(w): w for w in self.embedding_weights()}
-        for weight in weights.values():
-            weight.requires_grad_(True)
-            self._token_row_hooks.append(weight.register_hook(keep_new_rows))
-
-    def zero_frozen_token_row_grads(self) -> None:
-        """Zero the gradients of the embedding rows before the first trainable one (see :meth:`train_new_token_rows`).
-
-        In plain training the gradient hooks already do this. Call it between ``backward()`` and ``optimizer.step()``
-        when the model is sharded with FSDP2 (``fully_shard``): FSDP2 writes the sharded gradients outside autograd,
-        so hooks never see them, and without this call the frozen vocabulary rows would be updated. Row-sharded
-        ``DTensor`` gradients are masked on each rank's own rows. ``MoLELightningModule`` calls it before every
-        optimizer step. Does nothing unless new token rows are trainable.
-        """
+    def merged_embedding_state(self) -> dict[str, torch.Tensor]:
+        """The language model's embedding and LM head weights with the trained token rows in place, keyed as in
+        ``language_model.state_dict()`` (``{}`` unless :meth:`train_new_token_rows` is on): what a full export
+        writes for them."""
         if self.token_row_start is None:
-            return
+            return {}
         start = self.token_row_start
-        for weight in self.embedding_weights():
-            grad = weight.grad
-            if grad is None:
-                continue
-            if hasattr(grad, "to_local"):  # DTensor: mask the rows this rank holds
-                local = grad.to_local()
-                rows = self._local_row_indices(grad)
-                local[rows < start] = 0
-            elif grad.dim() != 2:
-                raise RuntimeError(
-                    f"trainable new token rows need (rows, hidden) embedding gradients, got shape {tuple(grad.shape)}: "
-                    "FSDP1 flattens parameters; use FSDP2 (MoLEModelParallelStrategy) or no sharding"
-                )
-            else:
-                grad[:start] = 0
-
-    def _local_row_indices(self, grad: Any) -> torch.Tensor:
-        """Global row indices of the local shard of a row-sharded ``DTensor`` (cached per layout)."""
-        key = (tuple(grad.shape), grad.device_mesh, tuple(grad.placements))
-        cache = self._row_index_cache
-        if key not in cache:
-            index = torch.arange(grad.shape[0], device=grad.to_local().device)
-            # a 1-D index takes the same row chunks as the weight; src_data_rank=None: each rank slices locally
-            cache[key] = distribute_tensor(index, grad.device_mesh, grad.placements, src_data_rank=None).to_local()
-        return cache[key]
+        merged = {}
+        for weight, name in zip(self.embedding_weights(), ("input", "output")):
+            rows = self.token_rows[name].detach().to(weight.dtype)
+            merged[id(weight)] = torch.cat([weight.detach()[:start], rows.to(weight.device)])
+        return {
+            key: merged[id(param)]
+            for key, param in self.language_model.named_parameters(remove_duplicate=False)
+            if id(param) in merged
+        }
 
     def embedding_weights(self) -> list[nn.Parameter]:
         """The input embedding weight and, when not tied to it, the output (LM head) weight."""
@@ -240,12 +261,11 @@ class LlavaMoLE(nn.Module):
 
         Returns:
             ``{"adapters": LoRA and expert weights, "routers": router weights, "projector": …, "embeddings":
-            trainable embedding matrices (only with :meth:`train_new_token_rows`), "other": anything else
+            the trained rows of added tokens (only with :meth:`train_new_token_rows`), "other": anything else
             trainable}``; empty groups are omitted.
         """
         groups: dict[str, list[nn.Parameter]] = {k: [] for k in ("adapters", "routers", "projector", "embeddings")}
         groups["other"] = []
-        embedding_ids = {id(w) for w in self.embedding_weights()}
         seen: set[int] = set()
         for name, param in self.named_parameters():
             if not param.requires_grad or id(param) in seen:
@@ -253,7 +273,7 @@ class LlavaMoLE(nn.Module):
             seen.add(id(param))
             if name.startswith("projector."):
                 groups["projector"].append(param)
-            elif id(param) in embedding_ids:
+            elif name.startswith("token_rows."):
                 groups["embeddings"].append(param)
             elif name.startswith("language_model.") and ROUTER_KEY in name:
                 groups["routers"].append(param)

@@ -281,11 +281,11 @@ def load_adapters(model: LlavaMoLE, directory: str | os.PathLike) -> LlavaMoLE:
     model.projector.load_state_dict(proj_state, strict=True)
     start = meta.get("token_row_start")
     if start is not None:
+        model.train_new_token_rows(start)
         with torch.no_grad():
             for name, weight in zip(("input", "output"), model.embedding_weights()):
                 rows = state[f"token_rows.{name}"]
                 if weight.shape[0] != start + rows.shape[0]:
                     raise ValueError(f"embedding has {weight.shape[0]} rows, adapter expects {start + rows.shape[0]}")
-                weight[start:].copy_(rows)
-        model.train_new_token_rows(start)
+                model.token_rows[name].copy_(rows)
     return model

@@ -54,8 +54,5 @@ def trainable_state_dict(model: Any) -> dict[str, torch.Tensor]:
     if model.mole_config is not None:
         state.update({f"language_model.{k}": v for k, v in adapter_state_dict(model.language_model).items()})
     state.update({f"projector.{k}": v for k, v in model.projector.state_dict().items()})
-    start = model.token_row_start
-    if start is not None:
-        for name, weight in zip(("input", "output"), model.embedding_weights()):
-            state[f"token_rows.{name}"] = weight.detach()[start:]
+    state.update({f"token_rows.{name}": rows for name, rows in model.token_rows.items()})
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}

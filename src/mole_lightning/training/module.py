@@ -222,10 +222,6 @@ class MoLELightningModule(pl.LightningModule):
         self.log_dict({f"train/{k}": v.detach() for k, v in parts.items()}, on_step=True, batch_size=size)
         return total
 
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Keep frozen vocabulary rows frozen when new token rows train (FSDP2 bypasses the gradient hooks)."""
-        self.require_model().zero_frozen_token_row_grads()
-
     # ----------------------------------------------------------------------------------------- validation, test
     def on_validation_epoch_start(self) -> None:
         """Fresh per-source sums; every rank declares every loader's source, in the same order."""

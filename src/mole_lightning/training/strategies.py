@@ -6,10 +6,8 @@ unused expert never leaves a unit without gradients):
 - every LLM decoder layer (also the activation-checkpointing unit),
 - every MoLE router (fp32 while the base may be bf16; FSDP flattens one dtype per unit),
 - the vision tower (frozen) as one unit,
-- trained embedding tables (``train_new_token_rows``: the input embedding and the LM head, one unit each, or one
-  together when tied): they keep the base dtype while the projector in the root is an fp32 master, and FSDP2 wants one
-  dtype among the trained parameters of a unit,
-- the root (projector, final norm, and the embeddings and LM head when frozen).
+- the root (projector, final norm, the frozen embeddings and LM head, and the fp32 rows of added tokens that
+  ``train_new_token_rows`` trains).
 
 :class:`MoLEModelParallelStrategy` is Lightning's ``ModelParallelStrategy`` with pure data parallelism by default,
 trainable-only full-tensor checkpoints, and the ``fully_shard`` options read by the module's ``configure_model``.
@@ -63,19 +61,6 @@ def refuse_sharded_4bit(quantize: str | None, mesh: Any, strategy: Any) -> None:
         raise ValueError(QUANTIZED_SHARDING_ERROR)
 
 
-def _trained_embedding_modules(model: nn.Module) -> list[list[nn.Module]]:
-    """The input embedding and LM head modules whose weights are trained, grouped by weight (tied: one group)."""
-    language_model = getattr(model, "language_model", None)
-    if language_model is None:
-        return []
-    groups: dict[int, list[nn.Module]] = {}
-    for module in (language_model.get_input_embeddings(), language_model.get_output_embeddings()):
-        weight = getattr(module, "weight", None)
-        if weight is not None and weight.requires_grad:
-            groups.setdefault(id(weight), []).append(module)
-    return list(groups.values())
-
-
 def fully_shard_llava_mole(
     model: nn.Module,
     mesh: Any,
@@ -123,8 +108,6 @@ def fully_shard_llava_mole(
     vision = getattr(model, "vision_tower", None)
     if shard_vision_tower and vision is not None and any(True for _ in vision.parameters()):
         fully_shard(vision, reshard_after_forward=reshard_after_forward, **kwargs)
-    for tables in _trained_embedding_modules(model):
-        fully_shard(tables if len(tables) > 1 else tables[0], reshard_after_forward=reshard_after_forward, **kwargs)
     fully_shard(model, reshard_after_forward=False, **kwargs)  # the root is needed again right after forward
     return model
 
