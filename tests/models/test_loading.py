@@ -274,3 +274,36 @@ def test_llm_path_wins_over_llm_config_and_says_so(real_folders):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         build_preset("tiny", llm_path=folder, mole=None)  # the tiny preset's llm_config is dropped, silently
+
+
+def test_tied_head_shares_the_trained_input_rows(tmp_path, tokenizer_without_image, make_batch):
+    """A tied LM head has no rows of its own: one ``token_rows.input``, used by the embedding and the head; a step
+    that trains it changes the head's logit of the new token by ``hidden @ rows.T`` and leaves the matrix frozen."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**{**llama_config_kwargs(len(tokenizer_without_image)), "tie_word_embeddings": True})
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "llm")
+    tokenizer_without_image.save_pretrained(tmp_path / "llm")
+    model = build_llava_mole(
+        llm_path=str(tmp_path / "llm"), vision_config=clip_config_kwargs(), mole=MOLE, train_new_token_rows=True
+    )
+    lm = model.language_model
+    assert lm.get_output_embeddings().weight is lm.get_input_embeddings().weight
+    assert list(model.token_rows) == ["input"] and model.parameter_groups()["embeddings"] == [model.token_rows["input"]]
+    batch = make_batch(model.image_token_id)
+    batch["labels"][0, -1] = model.image_token_id
+    model.train()(**batch).total_loss.backward()
+    assert model.token_rows["input"].grad.any() and lm.get_input_embeddings().weight.grad is None
+    with torch.no_grad():
+        model.token_rows["input"].add_(1.0)
+        hidden = torch.randn(1, 2, model.hidden_size)
+        logits = lm.lm_head(hidden)
+        ids = torch.tensor([[44]])
+        assert torch.equal(lm.get_input_embeddings()(ids)[0, 0], model.token_rows["input"][0])
+    new = (hidden * model.token_rows["input"][0]).sum(-1)  # (1, 2): the new token's logit, D products
+    bound = (
+        model.hidden_size * torch.finfo(torch.float32).eps * (hidden.abs() * model.token_rows["input"][0].abs()).sum(-1)
+    )
+    assert bool(((logits[..., 44] - new).abs() <= bound).all())
+    assert set(model.merged_embedding_state()) == {"model.embed_tokens.weight", "lm_head.weight"}
