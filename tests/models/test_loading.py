@@ -290,7 +290,7 @@ def test_tied_head_shares_the_trained_input_rows(tmp_path, tokenizer_without_ima
     )
     lm = model.language_model
     assert lm.get_output_embeddings().weight is lm.get_input_embeddings().weight
-    assert list(model.token_rows) == ["input"] and model.parameter_groups()["embeddings"] == [model.token_rows["input"]]
+    assert list(model.token_rows) == ["input"] and model.parameter_roles()["embeddings"] == [model.token_rows["input"]]
     batch = make_batch(model.image_token_id)
     batch["labels"][0, -1] = model.image_token_id
     model.train()(**batch).total_loss.backward()
