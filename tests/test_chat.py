@@ -261,3 +261,23 @@ def test_llava_hf_folder_whose_template_cannot_render_exits_2_with_one_line(real
     lines = [line for line in done.stderr.strip().splitlines() if not line.startswith("Loading weights")]  # progress
     assert len(lines) == 1 and lines[0].startswith("mole-chat: error: the chat template of"), done.stderr
     assert "cannot render this conversation (TypeError" in lines[0]
+
+
+@pytest.mark.parametrize("given", [None, "plain"], ids=["recorded", "argument"])
+def test_prompts_follow_the_runs_data_settings_over_the_recipe(setup, given):
+    """A checkpoint recording other data settings than the recipe's (``datamodule_hyper_parameters``, as Lightning
+    saves them; e.g. a run started with ``--data.template chatml``) is prompted with them; ``template=`` wins over
+    both. The prompt equals the one an independent encoder with those settings writes."""
+    recorded = {"template": "chatml", "system_prompt": "Answer briefly.", "max_length": 300, "image_aspect": "crop"}
+    path = setup["root"] / f"recorded_{given}.ckpt"
+    torch.save({**torch.load(setup["checkpoint"], weights_only=True), "datamodule_hyper_parameters": recorded}, path)
+    assistant = load_from_config(setup["recipe"], checkpoint=path, device="cpu", template=given)
+    expected = {**recorded, "template": given or recorded["template"]}
+    reference = make_datamodule(setup["demo"], setup["module"], val_batch_size=1, **expected).make_encoder("generate")
+    sample = setup["samples"][0]
+    image = sample["image"].read_bytes()
+    turns = [{"from": "human", "value": sample["question"]}]
+    batch = assistant.encode([(turns, image)])
+    expected_sample = reference({"__key__": "0", "json": {"conversations": turns}, "image": image}, source="chat")
+    assert batch["input_ids"][0].tolist() == expected_sample["input_ids"].tolist()
+    assert torch.equal(batch["pixel_values"][0].cpu(), expected_sample["pixel_values"])

@@ -8,9 +8,9 @@ A model comes from one of three places, each giving the same :class:`Assistant`:
 * a llava-hf ``LlavaForConditionalGeneration`` folder (:func:`load_from_llava_hf`), optionally with an adapter export.
 
 Prompts are encoded by the data pipeline's own :class:`~mole_lightning.data.samples.SampleEncoder` in ``generate``
-mode (the recipe's ``data.template``, system prompt, image aspect and maximum length; image size, mean and std of the
-model's vision tower) and collated with left padding, so an answer equals ``MoLELightningModule.predict_step``'s for
-the same sample. Generation runs under the precision of the recipe's ``trainer.precision``.
+mode (the template, system prompt, image aspect and maximum length the run recorded, else the recipe's; image
+size, mean and std of the model's vision tower) and collated with left padding, so an answer equals
+``MoLELightningModule.predict_step``'s for the same sample. Generation runs under the precision of the recipe's ``trainer.precision``.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from mole_lightning.generation import generate_answers
 from mole_lightning.models import load_adapters, load_llava_hf
 from mole_lightning.models.loading import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
 from mole_lightning.peft import iter_routers
-from mole_lightning.training.export import load_checkpoint_state, read_checkpoint
+from mole_lightning.training.export import load_checkpoint_state, read_checkpoint, recorded_data_settings
 from mole_lightning.training.module import MoLELightningModule
 
 GEOMETRY_NAMES = ("num_image_tokens", "image_size", "image_mean", "image_std")
@@ -287,12 +287,19 @@ def load_from_config(
         device: Where to run (default: the first GPU, else the CPU).
         template: Overrides ``data.template``.
 
+    The data settings the run recorded (template, system prompt, maximum length, image aspect: a checkpoint's
+    DataModule hyper-parameters, or a ``mole`` export's ``data_config.json``) take precedence over the recipe's
+    ``data`` section; ``template`` overrides both.
+
     Raises:
         InferenceError: bad config, checkpoint or adapter (one line naming the problem).
     """
     if (checkpoint is None) == (adapter is None):
         raise InferenceError("give exactly one of a checkpoint or an adapter export with the config")
     recipe = read_recipe(config)
+    trained = Path(checkpoint if checkpoint is not None else adapter)
+    if trained.exists() and isinstance(recipe.get("data"), dict):  # the run's own settings win over the recipe's
+        recipe = {**recipe, "data": {**recipe["data"], **recorded_data_settings(trained)}}
     module, datamodule = instantiate_recipe(recipe)
     module.hparams.adapter_path = None  # an export is loaded below, by load_adapter_export
     module.configure_model()
