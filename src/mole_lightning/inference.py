@@ -10,7 +10,8 @@ A model comes from one of three places, each giving the same :class:`Assistant`:
 Prompts are encoded by the data pipeline's own :class:`~mole_lightning.data.samples.SampleEncoder` in ``generate``
 mode (the template, system prompt, image aspect and maximum length the run recorded, else the recipe's; image
 size, mean and std of the model's vision tower) and collated with left padding, so an answer equals
-``MoLELightningModule.predict_step``'s for the same sample. Generation runs under the precision of the recipe's ``trainer.precision``.
+``MoLELightningModule.predict_step``'s for the same sample. Generation runs under the precision of the recipe's
+``trainer.precision``.
 """
 
 from __future__ import annotations
