@@ -3,26 +3,12 @@ errors at fit start, and a short demo fit after which each source's own expert h
 
 from __future__ import annotations
 
-import lightning.pytorch as pl
 import pytest
 import torch
 
 from mole_lightning.peft import MoLEConfig, collect_aux, source_supervision
 from tests.demo_modules import TINY_MOLE, make_datamodule, make_module
-
-
-def quiet_trainer(tmp_path, **kwargs) -> pl.Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        default_root_dir=str(tmp_path),
-    )
-    return pl.Trainer(**{**defaults, **kwargs})
+from tests.training.test_module import trainer
 
 
 def test_batch_sources_become_expert_ids_and_the_step_adds_the_weighted_term(demo_data, train_batches, tmp_path):
@@ -46,11 +32,11 @@ def test_batch_sources_become_expert_ids_and_the_step_adds_the_weighted_term(dem
 def test_bad_source_setup_fails_at_fit_start(demo_data, train_batches, tmp_path):
     few = make_module(demo_data, mole=MoLEConfig(**{**TINY_MOLE, "num_experts": 2}, source_routing_coef=1.0))
     with pytest.raises(ValueError, match="num_experts >= 3 sources"):
-        quiet_trainer(tmp_path, max_steps=1).fit(few, datamodule=make_datamodule(demo_data, few))
+        trainer(tmp_path, max_steps=1).fit(few, datamodule=make_datamodule(demo_data, few))
     undeclared = make_module(demo_data, mole=MoLEConfig(**TINY_MOLE, source_routing_coef=1.0))
     loader = torch.utils.data.DataLoader(train_batches, batch_size=None)
     with pytest.raises(ValueError, match="needs the DataModule's training sources"):
-        quiet_trainer(tmp_path, max_steps=1).fit(undeclared, train_dataloaders=loader)
+        trainer(tmp_path, max_steps=1).fit(undeclared, train_dataloaders=loader)
 
 
 def own_expert_shares(demo_data, tmp_path, coef: float) -> tuple[dict[str, list[float]], dict[str, float]]:
@@ -59,7 +45,7 @@ def own_expert_shares(demo_data, tmp_path, coef: float) -> tuple[dict[str, list[
     mole = MoLEConfig(**TINY_MOLE, source_routing_coef=coef)
     module = make_module(demo_data, mole=mole, optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3), router_lr=0.05)
     datamodule = make_datamodule(demo_data, module, samples_per_epoch=192, val_batch_size=24)
-    run = quiet_trainer(tmp_path, max_epochs=1, limit_val_batches=1, log_every_n_steps=1)
+    run = trainer(tmp_path, max_epochs=1, limit_val_batches=1, log_every_n_steps=1)
     run.fit(module, datamodule=datamodule)
     metrics = run.callback_metrics
     shares = {s: [float(metrics[f"val/{s}/expert{k}"]) for k in range(mole.num_experts)] for s in datamodule.sources}
