@@ -11,6 +11,7 @@ import json
 import re
 import shutil
 import subprocess
+from decimal import ROUND_HALF_UP, Decimal
 from html.parser import HTMLParser
 from typing import Any
 
@@ -248,6 +249,12 @@ def console_messages(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if ":CONSOLE" in line]
 
 
+def to_fixed_1(x: float) -> str:
+    """JavaScript's ``x.toFixed(1)`` for x >= 0: the exact binary value rounded to one decimal, a tie to the larger
+    (Python's ``f"{x:.1f}"`` rounds a tie such as 12.25 to even: 12.2 where the page shows 12.3)."""
+    return str(Decimal(x).quantize(Decimal("0.1"), rounding=ROUND_HALF_UP))
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary installed")
 @pytest.mark.parametrize("layer", ["L0", "L2"])
 def test_page_renders_and_colours_tokens_by_the_chosen_layer(report: dict[str, Any], layer: str) -> None:
@@ -269,7 +276,7 @@ def test_page_renders_and_colours_tokens_by_the_chosen_layer(report: dict[str, A
         assert f"background-color: rgb({red}, {green}, {blue})" in span["style"]
         probs = data["samples"][sample]["probs"][index][token]
         assert f"at {layer}: expert {expert}" in span["title"]
-        assert all(f"e{e}: {100 * p:.1f}%" in span["title"] for e, p in enumerate(probs))
+        assert all(f"e{e}: {to_fixed_1(100 * p)}%" in span["title"] for e, p in enumerate(probs))
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary installed")
