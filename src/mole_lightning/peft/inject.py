@@ -130,20 +130,27 @@ def iter_routers(model: nn.Module) -> Iterator[tuple[str, MoLERouter]]:
 
 
 @contextlib.contextmanager
+def _on_routers(model: nn.Module, name: str, value: torch.Tensor | None) -> Iterator[None]:
+    """Within the block, every router of ``model`` has attribute ``name`` set to ``value`` (``None`` after)."""
+    routers = [router for _, router in iter_routers(model)]
+    for router in routers:
+        setattr(router, name, value)
+    try:
+        yield
+    finally:
+        for router in routers:
+            setattr(router, name, None)
+
+
+@contextlib.contextmanager
 def routing_mask(model: nn.Module, attention_mask: torch.Tensor | None) -> Iterator[None]:
     """Within the block, routers treat tokens where ``attention_mask`` (B, S) is 0 as padding.
 
     Padding tokens are still routed (their outputs are computed as usual) but count in neither the losses nor the
     statistics. During cached decoding the MLP sees only the newest tokens; the mask's last columns are used.
     """
-    routers = [router for _, router in iter_routers(model)]
-    for router in routers:
-        router.token_mask = attention_mask
-    try:
+    with _on_routers(model, "token_mask", attention_mask):
         yield
-    finally:
-        for router in routers:
-            router.token_mask = None
 
 
 @contextlib.contextmanager
@@ -153,14 +160,8 @@ def source_supervision(model: nn.Module, source_expert: torch.Tensor | None) -> 
 
     Nothing else changes: routing, outputs and the other losses are the same with or without it.
     """
-    routers = [router for _, router in iter_routers(model)]
-    for router in routers:
-        router.source_expert = source_expert
-    try:
+    with _on_routers(model, "source_expert", source_expert):
         yield
-    finally:
-        for router in routers:
-            router.source_expert = None
 
 
 def collect_aux(model: nn.Module) -> MoLEAux:
