@@ -146,6 +146,13 @@ def test_bad_inputs_exit_2(setup, tmp_path, capsys):
     assert code == 2
     assert "checkpoint not found" in capsys.readouterr().err
 
+    corrupt = tmp_path / "corrupt.ckpt"
+    corrupt.write_bytes(b"not a checkpoint")
+    code = chat.main(chat_args(setup)[:2] + ["--checkpoint", str(corrupt), "--question", "Hi"])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "cannot read checkpoint" in err
+
 
 def chat_command() -> list[str]:
     """The installed ``mole-chat`` next to this interpreter, else the module."""

@@ -104,8 +104,9 @@ def load_checkpoint_tensors(module: Any, path: str | os.PathLike) -> None:
         raise InferenceError(f"checkpoint not found: {path}")
     try:
         checkpoint = read_checkpoint(path)
-    except Exception as error:
-        raise InferenceError(f"cannot read checkpoint {path}: {type(error).__name__}: {error}") from None
+    except Exception as error:  # torch's messages run over several lines: the first names the problem
+        detail = (str(error).strip().splitlines() or [""])[0]
+        raise InferenceError(f"cannot read checkpoint {path}: {type(error).__name__}: {detail}") from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise InferenceError(f"cannot read checkpoint {path}: it holds no state_dict")
     try:
@@ -300,7 +301,11 @@ def load_from_config(
     recipe = read_recipe(config)
     trained = Path(checkpoint if checkpoint is not None else adapter)
     if trained.exists() and isinstance(recipe.get("data"), dict):  # the run's own settings win over the recipe's
-        recipe = {**recipe, "data": {**recipe["data"], **recorded_data_settings(trained)}}
+        try:
+            recorded = recorded_data_settings(trained)
+        except Exception:  # an unreadable file: the loader below names the problem in one line
+            recorded = {}
+        recipe = {**recipe, "data": {**recipe["data"], **recorded}}
     module, datamodule = instantiate_recipe(recipe)
     module.hparams.adapter_path = None  # an export is loaded below, by load_adapter_export
     module.configure_model()
