@@ -50,7 +50,7 @@ from mole_lightning.eval.routing_page import heatmap_pngs, render_routing_page, 
 from mole_lightning.generation import take_rows
 from mole_lightning.models import build_preset, clean_parameter_name, load_adapters
 from mole_lightning.training import MoLELightningModule
-from mole_lightning.training.export import TRAINING_CONFIG_NAME, recorded_data_settings
+from mole_lightning.training.export import TRAINING_CONFIG_NAME, checkpoint_data_settings, recorded_data_settings
 
 
 def parse_sources(values: list[str]) -> dict[str, dict[str, str]]:
@@ -64,8 +64,8 @@ def parse_sources(values: list[str]) -> dict[str, dict[str, str]]:
     return sources
 
 
-def read_checkpoint_tensors(path: str, trust: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """``(state_dict, hyper_parameters)`` of a Lightning checkpoint (tensors only unless ``trust``)."""
+def read_checkpoint_file(path: str, trust: bool = False) -> dict[str, Any]:
+    """A Lightning checkpoint (tensors and plain values only unless ``trust``)."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=not trust)
     except Exception as error:  # pickled hyper-parameters need trust
@@ -73,9 +73,13 @@ def read_checkpoint_tensors(path: str, trust: bool = False) -> tuple[dict[str, t
             f"cannot read {path} with weights_only=True ({type(error).__name__}: {error}); "
             "pass --trust-checkpoint if you trust this file"
         ) from None
-    state = checkpoint.get("state_dict", checkpoint)
-    hparams = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, dict) else {}
-    return state, hparams if isinstance(hparams, dict) else {}
+    return checkpoint if isinstance(checkpoint, dict) else {}
+
+
+def checkpoint_tensors(checkpoint: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``(state_dict, hyper_parameters)`` of a checkpoint read by :func:`read_checkpoint_file`."""
+    hparams = checkpoint.get("hyper_parameters", {})
+    return checkpoint.get("state_dict", checkpoint), hparams if isinstance(hparams, dict) else {}
 
 
 def load_trained_tensors(model: Any, state: dict[str, torch.Tensor], prefix: str = "model.") -> int:
@@ -110,17 +114,19 @@ def read_training_config(adapter: str) -> dict[str, Any]:
         return json.load(handle)
 
 
-def build_model(args: argparse.Namespace) -> Any:
+def build_model(args: argparse.Namespace, checkpoint: dict[str, Any] | None = None) -> Any:
     """The model with the adapter or checkpoint tensors loaded, in eval mode.
 
     Without ``--preset`` and ``--model-kwargs`` the architecture and MoLE config are the ones training recorded (the
     checkpoint's hyper-parameters, or ``training_config.json`` of an export); otherwise, or when nothing was
-    recorded, the preset (default ``tiny``) with the extra arguments.
+    recorded, the preset (default ``tiny``) with the extra arguments. ``checkpoint``: ``--ckpt`` already read.
     """
     state = None
     hparams: dict[str, Any] = {}
     if args.ckpt:
-        state, hparams = read_checkpoint_tensors(args.ckpt, args.trust_checkpoint)
+        if checkpoint is None:
+            checkpoint = read_checkpoint_file(args.ckpt, args.trust_checkpoint)
+        state, hparams = checkpoint_tensors(checkpoint)
     else:
         hparams = read_training_config(args.adapter)
     seed = args.seed
@@ -141,10 +147,16 @@ def build_model(args: argparse.Namespace) -> Any:
     return model.eval()
 
 
-def data_settings(args: argparse.Namespace) -> dict[str, Any]:
+def data_settings(args: argparse.Namespace, checkpoint: dict[str, Any] | None = None) -> dict[str, Any]:
     """How samples become inputs: each of ``--template``, ``--system-prompt``, ``--image-aspect``, ``--max-length``
-    when given, else the run's (recorded in the checkpoint or the export), else the DataModule's default."""
-    recorded = recorded_data_settings(args.ckpt or args.adapter)
+    when given, else the run's (recorded in the checkpoint or the export), else the DataModule's default.
+    ``checkpoint``: ``--ckpt`` already read (read with ``--trust-checkpoint``'s setting otherwise)."""
+    if args.ckpt:
+        if checkpoint is None:
+            checkpoint = read_checkpoint_file(args.ckpt, args.trust_checkpoint)
+        recorded = checkpoint_data_settings(checkpoint)
+    else:
+        recorded = recorded_data_settings(args.adapter)
     parameters = inspect.signature(MixedInstructionDataModule.__init__).parameters
     defaults = {key: parameters[key].default for key in ("template", "system_prompt", "image_aspect", "max_length")}
     given = {key: getattr(args, key) for key in defaults}
@@ -201,8 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     matplotlib.use("Agg")
 
     sources = parse_sources(args.val)
-    model = build_model(args).to(args.device)
-    data = data_settings(args)
+    checkpoint = read_checkpoint_file(args.ckpt, args.trust_checkpoint) if args.ckpt else None
+    model = build_model(args, checkpoint).to(args.device)
+    data = data_settings(args, checkpoint)
     tower = model.vision_tower
     datamodule = MixedInstructionDataModule(
         sources=sources,

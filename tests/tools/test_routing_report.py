@@ -312,6 +312,12 @@ def test_inputs_are_rebuilt_with_the_runs_data_settings_unless_overridden(tmp_pa
         assert data_settings(build_parser().parse_args([*weights, *required])) == trained
         overridden = data_settings(build_parser().parse_args([*weights, *required, "--template", "vicuna_v1"]))
         assert overridden == {**trained, "template": "vicuna_v1"}
+    pickled = tmp_path / "pickled.ckpt"  # hyper-parameters that need --trust-checkpoint (a Path is no plain value)
+    torch.save(
+        {"state_dict": {}, "hyper_parameters": {"root": tmp_path}, "datamodule_hyper_parameters": trained}, pickled
+    )
+    trusted = build_parser().parse_args(["--ckpt", str(pickled), "--trust-checkpoint", *required])
+    assert data_settings(trusted) == trained
     (export / "data_config.json").unlink()  # an export without recorded settings: the DataModule's defaults
     defaults = data_settings(build_parser().parse_args(["--adapter", str(export), *required]))
     assert defaults == {"template": "vicuna_v1", "system_prompt": None, "max_length": 2048, "image_aspect": "pad"}

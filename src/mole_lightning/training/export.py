@@ -69,10 +69,15 @@ def recorded_data_settings(path: str | os.PathLike) -> dict[str, Any]:
     ``mole`` export folder (its ``data_config.json``) trained with; ``{}`` when none were recorded."""
     path = Path(path)
     if path.is_file():
-        recorded = read_checkpoint(path).get("datamodule_hyper_parameters") or {}
-    else:
-        config_file = path / DATA_CONFIG_NAME
-        recorded = json.loads(config_file.read_text()) if config_file.is_file() else {}
+        return checkpoint_data_settings(read_checkpoint(path))
+    config_file = path / DATA_CONFIG_NAME
+    recorded = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    return {key: recorded[key] for key in DATA_SETTINGS if key in recorded}
+
+
+def checkpoint_data_settings(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The :data:`DATA_SETTINGS` of a checkpoint already read (its DataModule's saved hyper-parameters)."""
+    recorded = checkpoint.get("datamodule_hyper_parameters") or {}
     return {key: recorded[key] for key in DATA_SETTINGS if key in recorded}
 
 
