@@ -13,11 +13,16 @@ The model (:class:`~mole_lightning.training.MoLELightningModule`) and the data
 Always present callbacks, configurable under their own keys: ``checkpoint`` (``ModelCheckpoint``),
 ``routing_heatmap`` (routing scalars and heatmaps), ``resumable_data``, ``throughput`` (tokens/s, FLOPs/s, MFU),
 ``lr_monitor`` (``LearningRateMonitor``) and ``skipped_samples``; more go in ``trainer.callbacks``.
-Checkpoints are written atomically.
+Checkpoints are written atomically. ``validate``, ``test`` and ``predict`` of a checkpoint (``--ckpt_path``) rebuild
+inputs as the run did: the data settings its DataModule recorded (template, system prompt, maximum length, image
+aspect) replace the recipe's, unless given on the command line (``--data.template ...``).
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import sys
 from typing import Any
 
 import torch
@@ -34,9 +39,14 @@ from mole_lightning.training.callbacks import (
     RoutingHeatmapCallback,
     SkippedSamplesLogger,
 )
+from mole_lightning.training.export import DATA_SETTINGS, checkpoint_data_settings, read_checkpoint
 from mole_lightning.training.module import MoLELightningModule
 from mole_lightning.training.strategies import default_strategy
 from mole_lightning.training.throughput import TokenThroughputMonitor
+
+log = logging.getLogger(__name__)
+EVALUATING_SUBCOMMANDS = ("validate", "test", "predict")
+"""Subcommands that rebuild inputs for a trained checkpoint (``fit`` resumes with its recipe's settings)."""
 
 
 def _device_count(devices: Any, accelerator: Any) -> int:
@@ -57,6 +67,17 @@ def _device_count(devices: Any, accelerator: Any) -> int:
 
 class MoLECLI(LightningCLI):
     """LightningCLI with model↔data links, forced callbacks and FSDP2 as the multi-device default."""
+
+    def parse_arguments(self, parser: Any, args: ArgsType) -> None:
+        """Parse as LightningCLI does, remembering the command line (to tell settings given on it apart)."""
+        argv = sys.argv[1:] if args is None else args
+        self.command_line = [a for a in argv if isinstance(a, str)] if isinstance(argv, (list, tuple)) else []
+        super().parse_arguments(parser, args)
+
+    def given_on_command_line(self, key: str) -> bool:
+        """Whether ``--<key>`` (``--data.template`` or ``--data.template=...``) was given on the command line."""
+        flag = f"--{key}"
+        return any(arg == flag or arg.startswith(flag + "=") for arg in getattr(self, "command_line", []))
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         """Links and forced callbacks."""
@@ -85,14 +106,34 @@ class MoLECLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
     def before_instantiate_classes(self) -> None:
-        """Use FSDP2 (:class:`MoLEModelParallelStrategy`) when several devices are asked for with strategy auto."""
+        """Take the data settings of the checkpoint being evaluated; use FSDP2 (:class:`MoLEModelParallelStrategy`)
+        when several devices are asked for with strategy auto."""
         config = self.config[self.subcommand] if self.subcommand else self.config
+        if self.subcommand in EVALUATING_SUBCOMMANDS:
+            self.apply_recorded_data_settings(config)
         trainer = config.get("trainer")
         if trainer is None or trainer.get("strategy", "auto") != "auto":
             return
         accelerator = trainer.get("accelerator", "auto")
         if _device_count(trainer.get("devices", "auto"), accelerator) * int(trainer.get("num_nodes", 1) or 1) > 1:
             trainer["strategy"] = default_strategy(2, accelerator)
+
+    def apply_recorded_data_settings(self, config: Any) -> None:
+        """Replace ``config``'s data settings by those recorded in its ``ckpt_path`` file (see the module docstring).
+
+        A checkpoint that cannot be read here is left for the Trainer to load and report."""
+        path, data = config.get("ckpt_path"), config.get("data")
+        if not isinstance(path, (str, os.PathLike)) or not os.path.isfile(path) or data is None:
+            return
+        try:
+            recorded = checkpoint_data_settings(read_checkpoint(path))
+        except Exception:  # noqa: BLE001 - not readable with weights_only: the Trainer's own load reports it
+            return
+        for key in DATA_SETTINGS:
+            if key not in recorded or self.given_on_command_line(f"data.{key}") or data.get(key) == recorded[key]:
+                continue
+            log.warning("data.%s: %r, as recorded by the checkpoint's run (not %r)", key, recorded[key], data.get(key))
+            data[key] = recorded[key]
 
 
 def cli_main(args: ArgsType = None, run: bool = True) -> MoLECLI:

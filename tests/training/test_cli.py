@@ -188,7 +188,8 @@ def test_a_printed_config_reads_back_as_itself(config, tmp_path):
 
 def test_a_run_is_validated_from_the_config_saved_beside_it(tmp_path, monkeypatch):
     """``mole-train fit`` saves ``config.yaml`` in the run's log folder; ``validate --config <that file>`` of the
-    run's checkpoint works (exit 0), and checkpoints were written through the atomic writer."""
+    run's checkpoint works (exit 0), checkpoints were written through the atomic writer, and ``predict`` of the
+    checkpoint with the plain recipe takes the run's data settings."""
     from mole_lightning.data import make_demo_data
 
     monkeypatch.chdir(tmp_path)  # the demo recipe's relative paths: demo_data/, runs/demo/
@@ -196,6 +197,7 @@ def test_a_run_is_validated_from_the_config_saved_beside_it(tmp_path, monkeypatc
     quick = ["--trainer.max_steps", "1", "--trainer.val_check_interval", "1", "--data.batch_size", "2"]
     quick += ["--data.val_batch_size", "4", "--data.num_workers", "0", "--data.shuffle_buffer", "4"]
     quick += ["--trainer.callbacks", "[]", "--checkpoint.every_n_train_steps", "1"]
+    quick += ["--data.template", "chatml", "--data.max_length", "200"]  # recorded by the run, read back by predict
     fit = cli_main(["fit", "--config", str(CONFIGS / "demo.yaml"), *quick])
     assert isinstance(fit.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
     saved = Path(fit.trainer.log_dir) / "config.yaml"
@@ -203,3 +205,12 @@ def test_a_run_is_validated_from_the_config_saved_beside_it(tmp_path, monkeypatc
     checkpoint = tmp_path / "runs" / "demo" / "checkpoints" / "last.ckpt"
     validate = cli_main(["validate", "--config", str(saved), "--ckpt_path", str(checkpoint)])
     assert "val/loss" in validate.trainer.callback_metrics
+
+    # predict with the plain recipe: the run's recorded data settings (given on its command line) replace the
+    # recipe's, except those given on predict's own command line
+    recipe = ["predict", "--config", str(CONFIGS / "demo.yaml"), "--ckpt_path", str(checkpoint)]
+    recipe += ["--trainer.limit_predict_batches", "1", "--data.val_batch_size", "2", "--data.num_workers", "0"]
+    predict = cli_main(recipe)
+    assert (predict.datamodule.hparams.template, predict.datamodule.hparams.max_length) == ("chatml", 200)
+    predict = cli_main([*recipe, "--data.template", "vicuna_v1"])
+    assert (predict.datamodule.hparams.template, predict.datamodule.hparams.max_length) == ("vicuna_v1", 200)
