@@ -676,7 +676,7 @@ def export_model(
     if write_base:  # as the output folder was given: a relative export stays valid when its parent folder moves
         base = os.path.join(os.fspath(given), BASE_DIR_NAME)
     elif base is None:
-        base = getattr(model, "base_model_name_or_path", None)
+        base = model.base_model_name_or_path
     if to == "peft" and base is None:
         raise ExportError(
             "a peft export needs a llava-hf base: pass base=DIR (the llava-hf folder the model was built on) or "

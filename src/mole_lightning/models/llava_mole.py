@@ -123,6 +123,10 @@ class LlavaMoLE(nn.Module):
         self.projector_type = projector_type
         self.mole_config: Any = None
         self.tokenizer: Any = None  # set by the builders/loaders (tokenizer with the image token)
+        # where the frozen weights a meta-device build left unmaterialised are read from (id(param) -> WeightSource;
+        # filled by the builders, emptied by shard_and_load once read)
+        self.weight_sources: dict[int, Any] = {}
+        self.base_model_name_or_path: str | None = None  # the llava-hf folder the model was loaded from, if any
         self.token_row_start: int | None = None
         self._token_row_hooks: list[Any] = []
         self.token_rows = nn.ParameterDict()  # trained rows of added tokens: "input", "output" (untied head)
@@ -194,7 +198,7 @@ class LlavaMoLE(nn.Module):
         builds) the rows the resize added, kept in its ``weight_sources`` entry."""
         if not weight.is_meta:
             return weight.detach()[start:].to(torch.float32, copy=True)
-        source = getattr(self, "weight_sources", {}).get(id(weight))
+        source = self.weight_sources.get(id(weight))
         added = getattr(source, "added_rows", None)
         if added is None or added.shape[0] != weight.shape[0] - start:
             raise ValueError(f"the embedding weight is on meta and its rows {start}: are not known")

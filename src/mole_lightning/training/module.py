@@ -132,8 +132,8 @@ class MoLELightningModule(pl.LightningModule):
         under FSDP/FSDP2 is refused (``ValueError``) before anything is built."""
         if self.model is not None:
             return
-        mesh = getattr(self, "_device_mesh", None)
-        refuse_sharded_4bit(self.architecture.quantize, mesh, self._trainer and self._trainer.strategy)
+        mesh, trainer = self.device_mesh, self.attached_trainer()
+        refuse_sharded_4bit(self.architecture.quantize, mesh, trainer and trainer.strategy)
         model = self.build_model(frozen_on_meta=mesh is not None)
         if self.hparams.adapter_path is not None:
             load_adapters(model, self.hparams.adapter_path)
@@ -142,11 +142,18 @@ class MoLELightningModule(pl.LightningModule):
         counts, image_tokens = parameter_counts(model), model.num_image_tokens
         self.step_flops = functools.partial(training_flops, counts, image_tokens=image_tokens)
         if mesh is not None:
-            options = getattr(self._trainer.strategy, "fsdp2_options", dict)() if self._trainer is not None else {}
+            options = getattr(trainer.strategy, "fsdp2_options", dict)() if trainer is not None else {}
             shard_and_load(model, mesh, **options)
         self.model = model
 
     tokenizer = property(lambda self: self.require_model().tokenizer, doc="The model's tokenizer (once built).")
+
+    def attached_trainer(self) -> Any:
+        """The Trainer this module is attached to, or ``None`` (the module also runs alone, e.g. in inference)."""
+        try:
+            return self.trainer
+        except RuntimeError:  # Lightning: "... is not attached to a `Trainer`"
+            return None
 
     def require_model(self) -> nn.Module:
         """The built model (raises before :meth:`configure_model`)."""
@@ -173,7 +180,8 @@ class MoLELightningModule(pl.LightningModule):
         if config is None or not config.source_routing_coef:
             return None
         if self._source_experts is None:
-            datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+            trainer = self.attached_trainer()
+            datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
             declared = list(getattr(datamodule, "sources", None) or [])
             if config.source_expert_map is None and not declared:
                 raise ValueError(
@@ -209,7 +217,8 @@ class MoLELightningModule(pl.LightningModule):
         images = int(batch["pixel_values"].shape[0]) if batch.get("pixel_values") is not None else 0
         self.flops_per_batch = self.step_flops(tokens=int(batch["attention_mask"].sum()), images=images)
         finite = torch.isfinite(total.detach()).float()
-        if self._trainer is not None and self.trainer.world_size > 1:
+        trainer = self.attached_trainer()
+        if trainer is not None and trainer.world_size > 1:
             finite = self.trainer.strategy.reduce(finite, reduce_op="min")  # every rank skips together
         if not self.nonfinite.observe(bool(finite > 0), f"step {self.global_step}, batch {batch_idx}"):
             self.log("train/nonfinite_steps", float(self.nonfinite.total), on_step=True, batch_size=size)

@@ -59,7 +59,7 @@ def shard_and_load(model: nn.Module, mesh: Any, **fsdp_options: Any) -> nn.Modul
     Returns:
         The model, sharded and loaded in place.
     """
-    sources: dict[int, WeightSource] = getattr(model, "weight_sources", {})
+    sources: dict[int, WeightSource] = model.weight_sources
     if not sources:  # nothing on the meta device: plain sharding
         return fully_shard_llava_mole(model, mesh, **fsdp_options)
     plan: dict[str, WeightSource] = {}
