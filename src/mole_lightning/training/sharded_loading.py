@@ -12,9 +12,9 @@ import math
 from typing import Any
 
 import torch
-from torch import nn
 from torch.distributed.tensor import Shard
 
+from mole_lightning.models.llava_mole import LlavaMoLE
 from mole_lightning.models.sharded_loading import WeightSource
 from mole_lightning.training.strategies import fully_shard_llava_mole
 
@@ -45,7 +45,7 @@ def _fill(local: torch.Tensor, start: int, source: WeightSource) -> None:
         local[first - start :].copy_(source.added_rows[first - file_rows : stop - file_rows])
 
 
-def shard_and_load(model: nn.Module, mesh: Any, **fsdp_options: Any) -> nn.Module:
+def shard_and_load(model: LlavaMoLE, mesh: Any, **fsdp_options: Any) -> LlavaMoLE:
     """``fully_shard`` a model built with ``frozen_on_meta=True`` and fill every rank's shards.
 
     Meta parameters are read from their files (their :class:`WeightSource` in ``model.weight_sources``), rows of this
