@@ -141,16 +141,13 @@ MIN_COMMANDS = {
     "bench_mole": 5,
     "bench_train": 2,
     "conflict_study": 20,
-    "convert_llava_questions": 2,
+    "convert_llava_questions": 0,  # documented as mole-convert questions (run below); the script stays
     "export_adapter": 0,  # documented as mole-export (parsed below); the script stays for old command lines
     "llava_to_shards": 2,
     "make_demo_data": 0,  # documented as mole-demo-data (parsed below); the script stays for old command lines
     "routing_report": 0,  # documented as mole-routing-report (parsed below); the script stays for old commands
 }
-RUN_TOOLS = ("convert_llava_questions",)  # seconds each
-NOT_PARSED = {
-    "convert_llava_questions.py ...": "README's tools table elides the arguments (docs/evaluation.md shows them)",
-}
+NOT_PARSED: dict[str, str] = {}  # shown command -> why it is not parsed
 
 
 class ToolCommand(NamedTuple):
@@ -193,7 +190,6 @@ def synopsis_argvs(args: str) -> list[list[str]]:
 
 TOOL_COMMANDS = documented_tool_commands()
 PARSED = [c for c in TOOL_COMMANDS if str(c) not in NOT_PARSED]
-RUN = [c for c in PARSED if c.tool in RUN_TOOLS and PLACEHOLDER.search(c.args) is None]
 
 
 def test_the_documented_tool_commands_are_found():
@@ -203,7 +199,6 @@ def test_the_documented_tool_commands_are_found():
     sources = {source for c in TOOL_COMMANDS for source in c.sources}
     assert {"README.md", "configs/demo.yaml", "docs/conflict_study.md", "docs/benchmarks.md"} <= sources
     assert set(NOT_PARSED) <= {str(c) for c in TOOL_COMMANDS}  # no stale exemption
-    assert {c.tool for c in RUN} == set(RUN_TOOLS)
 
 
 @pytest.mark.parametrize("command", PARSED, ids=str)
@@ -238,24 +233,6 @@ def prepared(tmp_path_factory) -> Path:
     (root / "llava_pope_test.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
     (root / "labels.jsonl").write_text("".join(json.dumps(label) + "\n" for label in labels))
     return root
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("command", RUN, ids=str)
-def test_documented_tool_command_runs(command, prepared, tmp_path):
-    """``python tools/<tool>.py ...`` as shown, from a folder where ``tools/`` is the repository's; make_demo_data
-    writes into a fresh folder (the prepared demo data is smaller than the documented one)."""
-    cwd = tmp_path if command.tool == "make_demo_data" else prepared
-    with contextlib.suppress(FileExistsError):
-        (cwd / "tools").symlink_to(ROOT / "tools")
-    argv = synopsis_argvs(command.args)[0]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
-    env["OMP_NUM_THREADS"] = "1"
-    tool = [sys.executable, f"tools/{command.tool}.py"]
-    result = subprocess.run([*tool, *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    out = cwd / argv[argv.index("--out") + 1]
-    assert out.is_dir() and any(out.iterdir()), f"{command} wrote nothing to {out}"
 
 
 # ----------------------------------------------------------------------------------- mole-convert, mole-demo-data...
@@ -297,6 +274,27 @@ def test_the_documented_convert_commands_cover_every_format():
 
 def test_every_package_command_is_documented_with_its_arguments():
     assert {script for script, _ in PACKAGE_COMMAND_LINES} == set(PACKAGE_COMMANDS)
+
+
+RUN = [args for script, args in PACKAGE_COMMAND_LINES if script == "mole-convert" and args.startswith("questions ")]
+RUN = [args for args in RUN if PLACEHOLDER.search(args) is None]  # seconds each
+
+
+def test_a_documented_question_conversion_is_run():
+    assert RUN
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", RUN)
+def test_documented_question_conversion_runs(command, prepared):
+    """``mole-convert questions ...`` as shown, with the installed script, in a folder holding the files it names."""
+    argv = synopsis_argvs(command)[0]
+    mole_convert = Path(sys.executable).parent / "mole-convert"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([str(mole_convert), *argv], cwd=prepared, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    out = prepared / argv[argv.index("--out") + 1]
+    assert out.is_dir() and any(out.iterdir()), f"mole-convert {command} wrote nothing to {out}"
 
 
 @pytest.mark.parametrize(("script", "command"), PACKAGE_COMMAND_LINES)

@@ -1,7 +1,8 @@
 """``mole-convert``: downloaded datasets in their release formats → webdataset shards of one source.
 
-One subcommand per format (the mappings are in :mod:`mole_lightning.data.llava_json` and
-:mod:`mole_lightning.data.paper_datasets`)::
+One subcommand per format (the mappings are in :mod:`mole_lightning.data.llava_json`,
+:mod:`mole_lightning.data.paper_datasets` and, for LLaVA-1.5 benchmark questions,
+:mod:`mole_lightning.eval.questions`)::
 
     mole-convert llava --json llava_v1_5_mix665k.json --images data/ --source general --out shards/general
     mole-convert m3it --jsonl m3it/data/*/*/train.jsonl --source general --out shards/m3it
@@ -9,6 +10,7 @@ One subcommand per format (the mappings are in :mod:`mole_lightning.data.llava_j
         --source general --out shards/sharegpt4v_ft
     mole-convert ureader --jsonl ureader_json/train.jsonl --images ureader_images/ --source doc --out shards/doc
     mole-convert pathvqa --input path-vqa/train.parquet --upsample-to 400000 --source med --out shards/med
+    mole-convert questions --questions llava_pope_test.jsonl --images val2014/ --source pope --out shards/pope
 
 Each writes ``OUT/<source>-%06d.tar``, merges the shard sizes into ``OUT/sizes.json``, prints the counts of skipped
 records per reason and lists every skipped record in ``OUT/<source>-skipped.jsonl``. Exit status: 0 when records
@@ -31,6 +33,8 @@ from mole_lightning.data.paper_datasets import (
     convert_ureader,
     read_pathvqa,
 )
+from mole_lightning.eval.questions import convert_question_file
+from mole_lightning.eval.tasks import task_names
 
 
 def add_output_arguments(parser: argparse.ArgumentParser) -> None:
@@ -87,12 +91,41 @@ def run_pathvqa(args: argparse.Namespace) -> tuple[ConversionReport, int]:
     return report, len(records)
 
 
+def run_questions(args: argparse.Namespace) -> tuple[ConversionReport, int]:
+    report = convert_question_file(
+        args.questions,
+        args.images,
+        args.out,
+        args.source,
+        task=args.task,
+        apply_prompt=not args.no_prompt,
+        answers_path=args.answers,
+        maxcount=args.maxcount,
+        limit=args.limit,
+    )
+    return report, report.written + len(report.skipped)
+
+
+def add_question_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``questions`` subcommand's arguments (also ``tools/convert_llava_questions.py``'s command line)."""
+    parser.add_argument("--questions", required=True, help="question file (JSONL or JSON list)")
+    parser.add_argument("--images", default=".", help="folder the records' 'image' paths are relative to")
+    parser.add_argument("--source", required=True, help="source name (shard prefix)")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--answers", help="file of {question_id, answer|answers|label} records")
+    parser.add_argument("--task", choices=task_names(), help="task of records without one (default: guessed)")
+    parser.add_argument("--no-prompt", action="store_true", help="do not add LLaVA-1.5's task suffix")
+    parser.add_argument("--maxcount", type=int, default=10000, help="samples per shard")
+    parser.add_argument("--limit", type=int, help="convert only the first N questions")
+
+
 RUNNERS: dict[str, Callable[[argparse.Namespace], tuple[ConversionReport, int]]] = {
     "llava": run_llava,
     "m3it": run_m3it,
     "sharegpt4v": run_sharegpt4v,
     "ureader": run_ureader,
     "pathvqa": run_pathvqa,
+    "questions": run_questions,
 }
 
 
@@ -123,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     pathvqa.add_argument("--upsample-to", type=int, default=None, help="samples to write (LLaVA-Med: 400000)")
     pathvqa.add_argument("--seed", type=int, default=0, help="seed of the records repeated once more")
     add_output_arguments(pathvqa)
+
+    questions = commands.add_parser("questions", help="LLaVA-1.5 benchmark questions (question_id, image, text)")
+    add_question_arguments(questions)
     return parser
 
 

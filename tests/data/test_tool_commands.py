@@ -78,7 +78,8 @@ def test_llava_to_shards_command_line_with_list_valued_images(tmp_path):
     assert nothing.returncode == 1 and "mine: wrote 0 of 2 records" in nothing.stdout
 
 
-def test_convert_llava_questions_command_line(tmp_path):
+def test_mole_convert_questions_command_line(tmp_path):
+    """``mole-convert questions`` (the installed script) and its old spelling ``tools/convert_llava_questions.py``."""
     images = tmp_path / "val"
     images.mkdir()
     (images / "a.png").write_bytes(png((0, 200, 0)))
@@ -91,11 +92,15 @@ def test_convert_llava_questions_command_line(tmp_path):
     (tmp_path / "q.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
     out = tmp_path / "bench"
     args = ["--questions", str(tmp_path / "q.jsonl"), "--images", str(images), "--source", "bench", "--out", str(out)]
-    result = run_tool("convert_llava_questions", *args)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [str(Path(sys.executable).parent / "mole-convert"), "questions", *args]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
 
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("bench: wrote 2 question(s) to 1 shard(s): ")
+    assert result.stdout.startswith("bench: wrote 2 of 3 records to 1 shard(s)\n")
     assert '"missing_image": 1' in result.stdout and "id=13" in result.stdout
+    skipped = [json.loads(line) for line in (out / "bench-skipped.jsonl").read_text().splitlines()]
+    assert [(entry["id"], entry["reason"]) for entry in skipped] == [("13", "missing_image")]
     members = tar_members(out / "bench-000000.tar")
     rows = [json.loads(members[name]) for name in sorted(members) if name.endswith(".json")]
     assert [row["id"] for row in rows] == ["11", "12"]
@@ -105,7 +110,10 @@ def test_convert_llava_questions_command_line(tmp_path):
 
     (tmp_path / "none.jsonl").write_text(json.dumps(questions[2]) + "\n")
     none = run_tool("convert_llava_questions", "--questions", str(tmp_path / "none.jsonl"), *args[2:])
-    assert none.returncode == 1 and "wrote 0 question(s)" in none.stdout
+    assert none.returncode == 1 and "bench: wrote 0 of 1 records" in none.stdout, none.stderr
+    missing = run_tool("convert_llava_questions", "--questions", str(tmp_path / "absent.jsonl"), *args[2:])
+    assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1
+    assert "absent.jsonl" in missing.stderr
 
 
 def test_an_empty_llava_json_writes_no_shard_and_names_no_url(tmp_path):
