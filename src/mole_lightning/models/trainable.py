@@ -70,7 +70,8 @@ def load_trained_state(model: nn.Module, state: dict[str, torch.Tensor], *, stri
     parameters of ``model``, cast to their dtypes (a sharded parameter gets the full tensor sharded like it).
 
     Every parameter of ``model`` that requires grad must be in ``state``; entries may name frozen parameters too (a
-    tensor trained by hand in the run that wrote ``state``).
+    tensor trained by hand in the run that wrote ``state``): they are made to require grad, so that the loaded
+    model's trained set is ``state``'s and an export of it writes the same tensors.
 
     Args:
         strict: raise on entries that name no parameter of ``model``; else they are skipped and returned.
@@ -103,4 +104,5 @@ def load_trained_state(model: nn.Module, state: dict[str, torch.Tensor], *, stri
 
                 value = distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
             param.copy_(value)
+            param.requires_grad_(True)
     return unexpected
