@@ -80,7 +80,8 @@ def load_trained_state(model: nn.Module, state: dict[str, torch.Tensor], *, stri
         The names in ``state`` that ``model`` lacks (empty with ``strict``).
 
     Raises:
-        ValueError: one line naming the missing, unexpected or mis-shaped tensors.
+        ValueError: one line naming the missing, unexpected or mis-shaped tensors, or tensors for frozen weights
+            still on the meta device (a sharded build reads those later, from the base's files).
     """
     own = {clean_parameter_name(n): p for n, p in model.named_parameters()}
     missing = [n for n in trainable_names(model) if n not in state]
@@ -93,6 +94,12 @@ def load_trained_state(model: nn.Module, state: dict[str, torch.Tensor], *, stri
               and tuple(v.shape) != tuple(own[n].shape)]  # fmt: skip
     if shapes:
         raise ValueError(f"{len(shapes)} tensor(s) differ in shape (given vs model), e.g. {shapes[:3]}")
+    on_meta = [n for n in state if n in own and own[n].is_meta]  # frozen weights of a sharded build, read later
+    if on_meta:
+        raise ValueError(
+            f"{len(on_meta)} tensor(s) would land on frozen weights still on the meta device, e.g. {on_meta[:3]}: "
+            "load them onto a model built without a device mesh"
+        )
     with torch.no_grad():
         for name, value in state.items():
             if name not in own:
