@@ -24,10 +24,13 @@ from mole_lightning.models import (
     VisionGeometry,
     VisionTower,
     build_preset,
+    load_adapters,
     register_vision_tower,
     select_trainable,
     trainable_names,
+    trainable_state_dict,
 )
+from mole_lightning.models.export import export_model
 from mole_lightning.peft import GATES, GateSpec, MoLEConfig, apply_mole, register_gate
 from mole_lightning.tokenization import load_tokenizer
 from mole_lightning.training import ModelSpec
@@ -97,14 +100,23 @@ def test_a_registered_eval_task_is_prompted_inferred_and_scored():
     assert infer_task(["3"]) == "vqa"
 
 
-def test_a_tensor_made_trainable_is_what_the_checkpoint_holds():
+def test_a_tensor_made_trainable_is_what_the_checkpoint_and_the_export_hold(tmp_path):
+    torch.manual_seed(0)
     model = build_preset("tiny")
     norm = model.language_model.model.norm.weight
     norm.requires_grad_(True)
+    with torch.no_grad():
+        norm.mul_(1.5)  # as training would move it
     names = trainable_names(model)
     assert "language_model.model.norm.weight" in names
     kept = select_trainable(model.state_dict(), names)
     assert set(kept) == set(names) and "language_model.model.embed_tokens.weight" not in kept
+    assert set(trainable_state_dict(model)) == set(names)  # the mole export's tensors
+    export_model(model, tmp_path / "export", to="mole")
+    torch.manual_seed(0)
+    base = build_preset("tiny", mole=None)  # the same base weights, the norm as built
+    load_adapters(base, tmp_path / "export")
+    assert torch.equal(base.language_model.model.norm.weight, norm)
 
 
 def squared_top_prob(probs, expert):

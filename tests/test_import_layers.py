@@ -1,7 +1,7 @@
 """The package's layers, read from its imports: no module imports a higher layer, and no import cycle exists.
 
 Layers, lowest first (docs/architecture.md): shared helpers -> data -> peft -> models -> generation -> eval ->
-training -> inference -> the commands and integrations. Every ``import`` / ``from ... import`` of
+training -> checkpoints -> inference -> the commands and integrations. Every ``import`` / ``from ... import`` of
 ``mole_lightning`` in ``src/`` counts, at module level or inside a function (a lazy import is still a dependency).
 """
 
@@ -21,6 +21,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("generation",),
     ("eval",),
     ("training",),
+    ("checkpoints",),
     ("inference",),
     ("chat", "cli", "convert", "export_command", "routing_report", "integrations", "__main__", "__init__"),
 )

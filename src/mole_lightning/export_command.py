@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         if not os.path.exists(args.checkpoint):  # before importing the trainer (seconds)
             raise FileNotFoundError(f"input {args.checkpoint!r} does not exist")
         check_destination(args.out, overwrite=args.overwrite)
-        from mole_lightning.training.export import export_checkpoint  # after the checks: importing it takes seconds
+        from mole_lightning.checkpoints import export_checkpoint  # after the checks: importing it takes seconds
 
         directory = export_checkpoint(
             args.checkpoint,

@@ -1,10 +1,11 @@
 """Load a trained LLaVA-MoLE and answer questions about images: the code behind ``mole-chat`` and the lmms-eval model.
 
-A model comes from one of three places, each giving the same :class:`Assistant`:
+A model comes from one of three places, each giving the same :class:`Assistant` (checkpoints and exports are read
+by :mod:`mole_lightning.checkpoints`; its one-line errors become :class:`InferenceError`):
 
 * a training recipe and a checkpoint (:func:`load_from_config` with ``checkpoint=``): the model is built from the
   recipe's ``model`` section as ``mole-train predict`` builds it, then the checkpoint's trainable tensors are loaded;
-* a training recipe and an adapter export (``adapter=``, written by ``tools/export_adapter.py``);
+* a training recipe and an adapter export (``adapter=``, written by ``mole-export``);
 * a llava-hf ``LlavaForConditionalGeneration`` folder (:func:`load_from_llava_hf`), optionally with an adapter export.
 
 Prompts are encoded by the data pipeline's own :class:`~mole_lightning.data.samples.SampleEncoder` in ``generate``
@@ -31,6 +32,15 @@ from lightning.pytorch.cli import LightningArgumentParser
 from lightning.pytorch.plugins.precision import DoublePrecision, HalfPrecision, MixedPrecision, Precision
 from PIL import Image, UnidentifiedImageError
 
+from mole_lightning.checkpoints import (
+    CheckpointError,
+    CheckpointMismatchError,
+    checkpoint_data_settings,
+    load_checkpoint_state,
+    load_export,
+    read_checkpoint,
+    recorded_data_settings,
+)
 from mole_lightning.constants import IGNORE_INDEX
 from mole_lightning.data import MixedInstructionDataModule
 from mole_lightning.data.collate import pad_token_id_of
@@ -38,10 +48,8 @@ from mole_lightning.data.pipeline import make_collator
 from mole_lightning.data.samples import SampleEncoder
 from mole_lightning.data.templates import BadSampleError, ChatTemplateError
 from mole_lightning.generation import generate_answers
-from mole_lightning.models import load_adapters, load_llava_hf
-from mole_lightning.models.loading import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
+from mole_lightning.models import load_llava_hf
 from mole_lightning.peft import iter_routers
-from mole_lightning.training.export import load_checkpoint_state, read_checkpoint, recorded_data_settings
 from mole_lightning.training.module import MoLELightningModule
 
 GEOMETRY_NAMES = ("num_image_tokens", "image_size", "image_mean", "image_std")
@@ -92,50 +100,43 @@ def instantiate_recipe(recipe: dict[str, Any]) -> tuple[Any, Any]:
     return objects["model"], objects["data"]
 
 
-def load_checkpoint_tensors(module: Any, path: str | os.PathLike) -> None:
-    """Load the trainable tensors of a training checkpoint into a configured module, as ``mole-train`` does.
+def read_trained_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A training checkpoint (:func:`~mole_lightning.checkpoints.read_checkpoint`, ``weights_only=True``).
 
     Raises:
-        InferenceError: the file is missing, or its tensors do not fit the model (missing, extra or mis-shaped
-            trainable tensors, e.g. another ``num_experts``).
+        InferenceError: the file is missing or unreadable.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise InferenceError(f"checkpoint not found: {path}")
     try:
-        checkpoint = read_checkpoint(path)
-    except Exception as error:  # torch's messages run over several lines: the first names the problem
-        detail = (str(error).strip().splitlines() or [""])[0]
-        raise InferenceError(f"cannot read checkpoint {path}: {type(error).__name__}: {detail}") from None
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise InferenceError(f"cannot read checkpoint {path}: it holds no state_dict")
+        return read_checkpoint(path)
+    except (OSError, CheckpointError) as error:
+        raise InferenceError(str(error)) from None
+
+
+def load_checkpoint_tensors(module: Any, checkpoint: dict[str, Any], path: str | os.PathLike) -> None:
+    """Load the trainable tensors of a training checkpoint read from ``path`` into a configured module, as
+    ``mole-train`` does (:func:`~mole_lightning.checkpoints.load_checkpoint_state`).
+
+    Raises:
+        InferenceError: its tensors do not fit the model (missing, extra or mis-shaped trainable tensors, e.g.
+            another ``num_experts``).
+    """
     try:
-        result = load_checkpoint_state(module, checkpoint)  # every trainable tensor present, shapes checked
-    except (KeyError, RuntimeError) as error:
-        reason = " ".join(str(error).strip("'\"").split())
-        raise InferenceError(f"checkpoint {path} does not match the config: {reason[:400]}") from None
-    if result.unexpected_keys:
-        raise InferenceError(
-            f"checkpoint {path} does not match the config: it holds {len(result.unexpected_keys)} tensor(s) the "
-            f"model lacks, e.g. {result.unexpected_keys[:3]}"
-        )
+        load_checkpoint_state(module, checkpoint, source=f"checkpoint {path}")
+    except CheckpointMismatchError as error:
+        raise InferenceError(f"checkpoint {path} does not match the config: {error.reason}") from None
 
 
 def load_adapter_export(model: Any, directory: str | os.PathLike) -> None:
-    """Load an adapter export (``tools/export_adapter.py``) onto ``model`` in place.
+    """Load an adapter export (``mole-export``) onto ``model`` in place
+    (:func:`~mole_lightning.checkpoints.load_export`).
 
     Raises:
         InferenceError: the folder lacks the export files, or the export does not fit the model.
     """
-    directory = Path(directory)
-    for name in (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME):
-        if not (directory / name).is_file():
-            raise InferenceError(f"adapter folder {directory} has no {name}")
     try:
-        load_adapters(model, directory)
-    except (KeyError, RuntimeError, ValueError) as error:
-        reason = " ".join(str(error).strip("'\"").split())
-        raise InferenceError(f"adapter {directory} does not match the model: {reason[:400]}") from None
+        load_export(model, directory)
+    except CheckpointError as error:
+        raise InferenceError(str(error)) from None
 
 
 def precision_plugin(precision: str | int | None, device: torch.device) -> Any:
@@ -299,18 +300,21 @@ def load_from_config(
     if (checkpoint is None) == (adapter is None):
         raise InferenceError("give exactly one of a checkpoint or an adapter export with the config")
     recipe = read_recipe(config)
-    trained = Path(checkpoint if checkpoint is not None else adapter)
-    if trained.exists() and isinstance(recipe.get("data"), dict):  # the run's own settings win over the recipe's
+    state = read_trained_checkpoint(checkpoint) if checkpoint is not None else None  # read once
+    if state is not None:
+        recorded = checkpoint_data_settings(state)
+    else:
         try:
-            recorded = recorded_data_settings(trained)
-        except Exception:  # an unreadable file: the loader below names the problem in one line
+            recorded = recorded_data_settings(adapter)
+        except (OSError, ValueError):  # an unreadable data_config.json: the recipe's settings
             recorded = {}
+    if isinstance(recipe.get("data"), dict):  # the run's own settings win over the recipe's
         recipe = {**recipe, "data": {**recipe["data"], **recorded}}
     module, datamodule = instantiate_recipe(recipe)
     module.hparams.adapter_path = None  # an export is loaded below, by load_adapter_export
     module.configure_model()
-    if checkpoint is not None:
-        load_checkpoint_tensors(module, checkpoint)
+    if state is not None:
+        load_checkpoint_tensors(module, state, checkpoint)
     else:
         load_adapter_export(module.model, adapter)
     encoder = datamodule.make_encoder("generate")

@@ -43,14 +43,23 @@ from typing import Any
 
 import torch
 
+from mole_lightning.checkpoints import (
+    CheckpointError,
+    checkpoint_data_settings,
+    checkpoint_hparams,
+    load_checkpoint_state,
+    load_export,
+    read_checkpoint,
+    read_training_config,
+    recorded_data_settings,
+)
 from mole_lightning.data import MixedInstructionDataModule
 from mole_lightning.data.images import ASPECTS
 from mole_lightning.eval.routing_analysis import SELECTIONS, RoutingAccumulator
 from mole_lightning.eval.routing_page import heatmap_pngs, render_routing_page, sample_routing
 from mole_lightning.generation import take_rows
-from mole_lightning.models import build_preset, clean_parameter_name, load_adapters
+from mole_lightning.models import build_preset
 from mole_lightning.training import MoLELightningModule
-from mole_lightning.training.export import TRAINING_CONFIG_NAME, checkpoint_data_settings, recorded_data_settings
 
 
 def parse_sources(values: list[str]) -> dict[str, dict[str, str]]:
@@ -65,53 +74,19 @@ def parse_sources(values: list[str]) -> dict[str, dict[str, str]]:
 
 
 def read_checkpoint_file(path: str, trust: bool = False) -> dict[str, Any]:
-    """A Lightning checkpoint (tensors and plain values only unless ``trust``)."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=not trust)
-    except Exception as error:  # pickled hyper-parameters need trust
-        raise SystemExit(
-            f"cannot read {path} with weights_only=True ({type(error).__name__}: {error}); "
-            "pass --trust-checkpoint if you trust this file"
-        ) from None
-    return checkpoint if isinstance(checkpoint, dict) else {}
+    """``--ckpt`` (:func:`~mole_lightning.checkpoints.read_checkpoint`; tensors and plain values only unless
+    ``trust``).
 
-
-def checkpoint_tensors(checkpoint: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """``(state_dict, hyper_parameters)`` of a checkpoint read by :func:`read_checkpoint_file`."""
-    hparams = checkpoint.get("hyper_parameters", {})
-    return checkpoint.get("state_dict", checkpoint), hparams if isinstance(hparams, dict) else {}
-
-
-def load_trained_tensors(model: Any, state: dict[str, torch.Tensor], prefix: str = "model.") -> int:
-    """Copies the ``prefix``-named entries of ``state`` into ``model``; every trainable parameter must be present.
-
-    Returns:
-        The number of tensors loaded.
+    Raises:
+        SystemExit: one line naming the problem (and the flag that reads pickled files).
     """
-    own = {name: param for name, param in model.named_parameters()}
-    wanted = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-    wanted = {clean_parameter_name(k): v for k, v in wanted.items()}
-    missing = [name for name, param in own.items() if param.requires_grad and name not in wanted]
-    if missing:
-        raise SystemExit(f"the checkpoint lacks {len(missing)} trained tensor(s), e.g. {missing[:3]}")
-    loaded = 0
-    with torch.no_grad():
-        for name, value in wanted.items():
-            if name in own:
-                if tuple(own[name].shape) != tuple(value.shape):
-                    raise SystemExit(f"{name}: checkpoint shape {tuple(value.shape)}, model {tuple(own[name].shape)}")
-                own[name].copy_(value.to(own[name].dtype))
-                loaded += 1
-    return loaded
-
-
-def read_training_config(adapter: str) -> dict[str, Any]:
-    """The training hyper-parameters saved beside an exported adapter (``{}`` when there are none)."""
-    path = os.path.join(adapter, TRAINING_CONFIG_NAME)
-    if not os.path.exists(path):
-        return {}
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
+    try:
+        return read_checkpoint(path, trust=trust)
+    except FileNotFoundError as error:
+        raise SystemExit(str(error)) from None
+    except CheckpointError as error:
+        hint = "" if trust else "; pass --trust-checkpoint if you trust this file (it may hold pickled objects)"
+        raise SystemExit(f"{error}{hint}") from None
 
 
 def build_model(args: argparse.Namespace, checkpoint: dict[str, Any] | None = None) -> Any:
@@ -121,14 +96,13 @@ def build_model(args: argparse.Namespace, checkpoint: dict[str, Any] | None = No
     checkpoint's hyper-parameters, or ``training_config.json`` of an export); otherwise, or when nothing was
     recorded, the preset (default ``tiny``) with the extra arguments. ``checkpoint``: ``--ckpt`` already read.
     """
-    state = None
     hparams: dict[str, Any] = {}
     if args.ckpt:
         if checkpoint is None:
             checkpoint = read_checkpoint_file(args.ckpt, args.trust_checkpoint)
-        state, hparams = checkpoint_tensors(checkpoint)
+        hparams = checkpoint_hparams(checkpoint)
     else:
-        hparams = read_training_config(args.adapter)
+        hparams = read_training_config(args.adapter) or {}
     seed = args.seed
     if seed is None:
         seed = hparams["model_seed"] if isinstance(hparams.get("model_seed"), int) else 0
@@ -140,10 +114,13 @@ def build_model(args: argparse.Namespace, checkpoint: dict[str, Any] | None = No
         torch.manual_seed(seed)
         mole = None if args.adapter else "preset"
         model = build_preset(args.preset or "tiny", tokenizer=args.tokenizer, mole=mole, **kwargs)
-    if args.adapter:
-        load_adapters(model, args.adapter)
-    elif state is not None:
-        load_trained_tensors(model, state)
+    try:
+        if args.adapter:
+            load_export(model, args.adapter)
+        elif checkpoint is not None:  # every trainable parameter must be there; tensors the model lacks are skipped
+            load_checkpoint_state(model, checkpoint, strict=False, source=f"--ckpt {args.ckpt}")
+    except CheckpointError as error:
+        raise SystemExit(str(error)) from None
     return model.eval()
 
 

@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
+from mole_lightning.checkpoints import export_checkpoint, module_from_checkpoint
 from mole_lightning.constants import IGNORE_INDEX
 from mole_lightning.models import load_adapters
 from mole_lightning.training import (
@@ -23,7 +24,6 @@ from mole_lightning.training import (
     TokenThroughputMonitor,
     WarmupCosineLR,
 )
-from mole_lightning.training.export import export_checkpoint, module_from_checkpoint
 from mole_lightning.training.throughput import parameter_counts, training_flops
 from tests.demo_modules import make_datamodule, make_module
 

@@ -24,6 +24,7 @@ from mole_lightning.models.projector import PROJECTOR_NAMES, MLPProjector, build
 from mole_lightning.models.spec import DTYPES, ModelSpec
 from mole_lightning.models.trainable import (
     clean_parameter_name,
+    load_trained_state,
     missing_trainable,
     select_trainable,
     trainable_names,
@@ -71,6 +72,7 @@ __all__ = [
     "build_projector",
     "build_vision_tower",
     "clean_parameter_name",
+    "load_trained_state",
     "missing_trainable",
     "select_trainable",
     "trainable_names",

@@ -3,14 +3,19 @@
 - ``mole`` (:func:`save_adapters`, any K): this package's adapter folder, loaded by
   ``load_llava_hf(base, adapter=folder)`` or ``load_adapters(model, folder)``.
 - ``peft`` (K = 1): ``adapter_config.json`` + ``adapter_model.safetensors`` in peft's own layout for a llava-hf
-  base (``PeftModel.from_pretrained(LlavaForConditionalGeneration..., folder)``); the trained projector is a peft
-  ``modules_to_save`` entry.
+  base (``PeftModel.from_pretrained(LlavaForConditionalGeneration..., folder)``); the trained projector and the
+  module of any other tensor trained by hand (a layer norm, a vision-tower weight) are peft ``modules_to_save``
+  entries, written whole as peft saves them.
 - ``llava-hf`` (:func:`save_llava_hf`): a ``LlavaForConditionalGeneration`` folder (config, safetensors, tokenizer,
   ``LlavaProcessor`` files) that transformers, vLLM and SGLang load; plain LoRA (K = 1) is merged into the base
   weights, ``W + (alpha / r) (A B)^T``. Routed experts (K > 1) cannot be merged: routing is per token. Its
   processor's chat template (:func:`llava_hf_chat_template`) renders llava-hf content lists as the run's
   ``data.template`` rendered training prompts, token for token.
 - ``write_base`` (any K): the frozen base as llava-hf, without LoRA, expert or router tensors.
+
+What each format holds of the trained state is :func:`~mole_lightning.models.trainable.trainable_state_dict`'s
+set (the parameters that require grad); a tensor trained by hand that a format has no place for is refused with an
+:class:`ExportError` naming it, never dropped.
 
 A model over a 4-bit base (QLoRA) exports its adapter (``mole``, ``peft`` with ``base``); ``llava-hf`` and
 ``write_base`` are refused: they would write the 4-bit weights, not the full-precision base the adapter belongs on.
@@ -46,6 +51,7 @@ from mole_lightning.data.templates import (
 from mole_lightning.models.llava_mole import LlavaMoLE
 from mole_lightning.models.loading import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, save_adapters
 from mole_lightning.models.projector import MLPProjector, projector_name
+from mole_lightning.models.trainable import trainable_state_dict
 from mole_lightning.models.vision import HFVisionTower, _encoder_layers, _has_cls
 from mole_lightning.peft.layers import LoRALinear, MoLELinear
 from mole_lightning.peft.quantization import is_quantized
@@ -144,38 +150,60 @@ def llava_hf_config(model: LlavaMoLE) -> Any:
     )
 
 
+_HF_PROJECTOR_LAYERS = {"0": "linear_1", "2": "linear_2"}
+
+
+def llava_hf_name(model: LlavaMoLE, name: str) -> str | None:
+    """``LlavaForConditionalGeneration``'s name of an entry of ``model.state_dict()``: ``vision_tower.model.*`` →
+    ``model.vision_tower.*``, ``projector.{0,2}.*`` → ``model.multi_modal_projector.linear_{1,2}.*``,
+    ``language_model.<base prefix>.*`` → ``model.language_model.*``, ``language_model.lm_head.*`` → ``lm_head.*``;
+    ``None`` for entries llava-hf has no place for (``token_rows.*``, written into the embeddings instead)."""
+    lm_prefix = f"language_model.{model.language_model.base_model_prefix}."
+    if name.startswith("vision_tower.model."):
+        return f"model.vision_tower.{name[len('vision_tower.model.') :]}"
+    if name.startswith("projector."):
+        index, _, rest = name[len("projector.") :].partition(".")
+        return (
+            f"model.multi_modal_projector.{_HF_PROJECTOR_LAYERS[index]}.{rest}"
+            if index in _HF_PROJECTOR_LAYERS
+            else None
+        )
+    if name.startswith(lm_prefix):
+        return f"model.language_model.{name[len(lm_prefix) :]}"
+    if name.startswith("language_model."):
+        return name[len("language_model.") :]  # lm_head
+    return None
+
+
 def llava_hf_state_dict(model: LlavaMoLE, *, merge: bool) -> dict[str, torch.Tensor]:
-    """Tensors under ``LlavaForConditionalGeneration`` names (``model.vision_tower.*``,
-    ``model.multi_modal_projector.linear_{1,2}.*``, ``model.language_model.*``, ``lm_head.*``).
+    """Tensors under ``LlavaForConditionalGeneration`` names (:func:`llava_hf_name`: ``model.vision_tower.*``,
+    ``model.multi_modal_projector.linear_{1,2}.*``, ``model.language_model.*``, ``lm_head.*``), every base tensor with
+    its current value (tensors trained by hand included) and the trained token rows in the embeddings.
 
     Args:
         merge: fold plain LoRA into the base weights; ``False`` keeps only the base weights: every LoRA, expert and
             router tensor is dropped (any K).
 
     Raises:
-        ExportError: routed experts (K > 1) with ``merge``, an ``open_clip`` tower or a projector llava-hf cannot
-            hold.
+        ExportError: routed experts (K > 1) with ``merge``, an ``open_clip`` tower, a projector llava-hf cannot
+            hold, or a state entry with no llava-hf name.
     """
-    tower = _hf_tower(model)
+    _hf_tower(model)
     _check_projector(model)
     layers = lora_modules(model) if merge else {}  # without merging, routed layers (K > 1) are fine: dropped below
-    lm = model.language_model
-    prefix = lm.base_model_prefix  # "model" for Llama / Qwen2
-    adapter_names = adapter_tensor_names(model)
-    state = {f"model.vision_tower.{k}": v for k, v in tower.model.state_dict().items()}
-    for index, hf_name in ((0, "linear_1"), (2, "linear_2")):
-        for key, value in model.projector[index].state_dict().items():
-            state[f"model.multi_modal_projector.{hf_name}.{key}"] = value
-    for key, value in {**lm.state_dict(), **model.merged_embedding_state()}.items():  # trained token rows in place
-        if key in adapter_names:
+    adapter_names = {f"language_model.{name}" for name in adapter_tensor_names(model)}
+    rows = {f"language_model.{k}": v for k, v in model.merged_embedding_state().items()}  # trained token rows
+    state = {}
+    for key, value in model.state_dict().items():
+        if key in adapter_names or key.startswith("token_rows."):
             continue
-        if key.startswith(f"{prefix}."):
-            state[f"model.language_model.{key[len(prefix) + 1 :]}"] = value
-        else:  # lm_head
-            state[key] = value
+        hf_name = llava_hf_name(model, key)
+        if hf_name is None:
+            raise ExportError(f"{key} has no place in a llava-hf folder; export with to='mole'")
+        state[hf_name] = rows.get(key, value)
     if merge:
         for name, layer in layers.items():
-            state[f"model.language_model.{name[len(prefix) + 1 :]}.weight"] = merged_weight(layer)
+            state[llava_hf_name(model, f"language_model.{name}.weight")] = merged_weight(layer)
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
@@ -509,26 +537,69 @@ def save_llava_hf(
 
 
 # ---------------------------------------------------------------------------------------------------------- peft
+def peft_saved_modules(model: LlavaMoLE) -> dict[str, str]:
+    """The modules a peft export keeps whole (``modules_to_save``): for every trained tensor that is no LoRA
+    ``lora_A``/``lora_B`` nor a token row, its module, as ``{peft modules_to_save entry: our module path}``.
+
+    The projector is ``multi_modal_projector``; any other module its full llava-hf path (peft matches entries as
+    module-name suffixes, so the path names exactly that module).
+
+    Raises:
+        ExportError: a trained tensor peft cannot hold (the base weight or bias of a LoRA layer, which peft keeps
+            frozen, or a tensor llava-hf has no name for).
+    """
+    lora = {f"language_model.{name}": layer for name, layer in lora_modules(model).items()}
+    saved: dict[str, str] = {}
+    for name in trainable_state_dict(model):
+        path, _, leaf = name.rpartition(".")
+        if name.startswith("token_rows.") or (path in lora and leaf in ("lora_A", "lora_B")):
+            continue
+        if path in lora:
+            raise ExportError(
+                f"{name} is trained, and a peft folder keeps the base weights of its LoRA layers frozen: export "
+                "with to='mole', or to='llava-hf' with merge=True"
+            )
+        if name.startswith("projector."):
+            saved["multi_modal_projector"] = "projector"
+            continue
+        hf_name = llava_hf_name(model, name)
+        if hf_name is None:
+            raise ExportError(f"{name} is trained and has no place in a peft folder for a llava-hf base; export with "
+                              "to='mole'")  # fmt: skip
+        saved[hf_name.rpartition(".")[0]] = path
+    return saved
+
+
 def peft_state_dict(model: LlavaMoLE) -> dict[str, torch.Tensor]:
     """peft's adapter keys for a llava-hf base: ``base_model.model.model.language_model.<path>.lora_A.weight``
-    ``(r, d_in)`` and ``lora_B.weight`` ``(d_out, r)`` (our A and B transposed), plus the projector as
-    ``base_model.model.model.multi_modal_projector.linear_{1,2}.*`` (``modules_to_save``)."""
+    ``(r, d_in)`` and ``lora_B.weight`` ``(d_out, r)`` (our A and B transposed) of the trained LoRA tensors, plus
+    the whole state of each :func:`peft_saved_modules` module under its llava-hf name, e.g. the projector as
+    ``base_model.model.model.multi_modal_projector.linear_{1,2}.*``."""
     _check_projector(model)
-    prefix = model.language_model.base_model_prefix
+    lora = {f"language_model.{name}": name for name in lora_modules(model)}
+    trained = trainable_state_dict(model)
+    frozen = [f"{path}.{leaf}" for path in lora for leaf in ("lora_A", "lora_B") if f"{path}.{leaf}" not in trained]
+    if frozen:  # peft would load its own initialisation in their place
+        raise ExportError(
+            f"{frozen[0]} is frozen ({len(frozen)} LoRA tensor(s) without requires_grad), and a peft folder holds "
+            "every LoRA tensor of its target modules: export with to='mole', or to='llava-hf' with merge=True"
+        )
     state: dict[str, torch.Tensor] = {}
-    for name, layer in lora_modules(model).items():
-        path = f"base_model.model.model.language_model.{name[len(prefix) + 1 :]}"
-        state[f"{path}.lora_A.weight"] = layer.lora_A.detach().T
-        state[f"{path}.lora_B.weight"] = layer.lora_B.detach().T
-    for index, hf_name in ((0, "linear_1"), (2, "linear_2")):
-        for key, value in model.projector[index].state_dict().items():
-            state[f"base_model.model.model.multi_modal_projector.{hf_name}.{key}"] = value
+    for name, value in trained.items():
+        path, _, leaf = name.rpartition(".")
+        if path in lora and leaf in ("lora_A", "lora_B"):
+            module = llava_hf_name(model, f"{path}.weight").removesuffix(".weight")
+            state[f"base_model.model.{module}.{leaf}.weight"] = value.T
+    for path in peft_saved_modules(model).values():
+        for key, value in model.get_submodule(path).state_dict().items():
+            state[f"base_model.model.{llava_hf_name(model, f'{path}.{key}')}"] = value
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
 
 
 def peft_config(model: LlavaMoLE, base_model_name_or_path: str) -> dict[str, Any]:
-    """peft's ``adapter_config.json`` (``LoraConfig``) for the model's LoRA: r, alpha, dropout, and a regex of the
-    language-model projections as ``target_modules`` (the vision tower's ``q_proj`` stay untouched)."""
+    """peft's ``adapter_config.json`` (``LoraConfig``) for the model's LoRA: r, alpha, dropout, a regex of the
+    language-model projections as ``target_modules`` (the vision tower's ``q_proj`` stay untouched) and the
+    trained modules kept whole (:func:`peft_saved_modules`) as ``modules_to_save``."""
     config = model.mole_config
     names = sorted(set(config.attn_targets) | set(config.mlp_targets))
     own_mlp = (config.expert_rank, config.expert_alpha) != (config.rank, config.alpha)
@@ -543,7 +614,7 @@ def peft_config(model: LlavaMoLE, base_model_name_or_path: str) -> dict[str, Any
         "alpha_pattern": {name: config.expert_alpha for name in config.mlp_targets} if own_mlp else {},
         "lora_dropout": config.dropout,
         "target_modules": rf"model\.language_model\..*\.({'|'.join(names)})",
-        "modules_to_save": ["multi_modal_projector"],
+        "modules_to_save": list(peft_saved_modules(model)) or None,
         "bias": "none",
         "fan_in_fan_out": False,
         "use_rslora": False,

@@ -5,8 +5,9 @@
 - :func:`load_projector`: LLaVA's ``mm_projector.bin`` (keys ``model.mm_projector.0.*`` / ``.2.*``), a llava-hf
   ``multi_modal_projector.linear_{1,2}.*`` dict, or a plain projector state dict, from ``.bin``/``.pt`` or
   ``.safetensors``.
-- :func:`save_adapters` / :func:`load_adapters`: what training changes (LoRA/experts/routers, projector, trainable
-  new embedding rows) as ``adapter_model.safetensors`` + ``adapter_config.json``, loaded onto a base model.
+- :func:`save_adapters` / :func:`load_adapters`: what training changes (the parameters that require grad:
+  LoRA/experts/routers, projector, trainable new embedding rows, any tensor trained by hand) as
+  ``adapter_model.safetensors`` + ``adapter_config.json``, loaded onto a base model.
 
 Files are read with ``safetensors`` or ``torch.load(weights_only=True)``; custom code runs only with
 ``trust_remote_code=True``.
@@ -27,9 +28,9 @@ from transformers import AutoModelForCausalLM
 
 from mole_lightning.models.llava_mole import LlavaMoLE
 from mole_lightning.models.projector import MLPProjector, projector_name
-from mole_lightning.models.trainable import trainable_state_dict
+from mole_lightning.models.trainable import load_trained_state, trainable_state_dict
 from mole_lightning.models.vision import HFVisionTower
-from mole_lightning.peft import MoLEConfig, load_adapter_state_dict
+from mole_lightning.peft import MoLEConfig
 from mole_lightning.tokenization import load_tokenizer, require_local_path
 
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -252,11 +253,13 @@ def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
 def load_adapters(model: LlavaMoLE, directory: str | os.PathLike) -> LlavaMoLE:
     """Load an adapter export onto a base model built from the same LLM, tower and projector type.
 
-    Applies MoLE with the saved config if the model has none yet, then loads adapters, routers, projector and
-    trainable token rows.
+    Applies MoLE with the saved config if the model has none yet, then loads every tensor of the export by
+    parameter name (:func:`~mole_lightning.models.trainable.load_trained_state`): adapters, routers, projector,
+    trainable token rows and tensors trained by hand.
 
     Raises:
-        ValueError: a mismatch between the export and the base (projector type, image token, MoLE config).
+        ValueError: a mismatch between the export and the base (projector type, image token, MoLE config, missing,
+            unexpected or mis-shaped tensors).
     """
     directory = Path(directory)
     meta = read_adapter_config(directory)
@@ -275,17 +278,15 @@ def load_adapters(model: LlavaMoLE, directory: str | os.PathLike) -> LlavaMoLE:
             model.apply_mole(config)
         elif dataclasses.asdict(model.mole_config) != dataclasses.asdict(config):
             raise ValueError(f"base model already has a different MoLE config: {model.mole_config} vs {config}")
-        lm_state = {k[len("language_model.") :]: v for k, v in state.items() if k.startswith("language_model.")}
-        load_adapter_state_dict(model.language_model, lm_state)
-    proj_state = {k[len("projector.") :]: v for k, v in state.items() if k.startswith("projector.")}
-    model.projector.load_state_dict(proj_state, strict=True)
     start = meta.get("token_row_start")
     if start is not None:
         model.train_new_token_rows(start)
-        with torch.no_grad():
-            for name, weight in zip(("input", "output"), model.embedding_weights()):
-                rows = state[f"token_rows.{name}"]
-                if weight.shape[0] != start + rows.shape[0]:
-                    raise ValueError(f"embedding has {weight.shape[0]} rows, adapter expects {start + rows.shape[0]}")
-                model.token_rows[name].copy_(rows)
+        for name, weight in zip(("input", "output"), model.embedding_weights()):
+            rows = state[f"token_rows.{name}"]
+            if weight.shape[0] != start + rows.shape[0]:
+                raise ValueError(f"embedding has {weight.shape[0]} rows, adapter expects {start + rows.shape[0]}")
+    try:
+        load_trained_state(model, state)
+    except ValueError as error:
+        raise ValueError(f"adapter export {str(directory)!r} does not fit the model: {error}") from None
     return model

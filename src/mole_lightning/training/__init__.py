@@ -1,4 +1,4 @@
-"""Training LLaVA-MoLE with Lightning: the LightningModule, strategies (FSDP2/FSDP), callbacks, schedules, export.
+"""Training LLaVA-MoLE with Lightning: the LightningModule, strategies (FSDP2/FSDP), callbacks, schedules.
 
 - :class:`MoLELightningModule` (+ :class:`ModelSpec`): builds the model in ``configure_model``, trains LM + aux
   loss, validates per source (:class:`SourceLossMetric`), generates in ``predict_step``.
@@ -6,7 +6,10 @@
 - Callbacks: :class:`RoutingHeatmapCallback` (routing scalars + heatmaps), :class:`SourceMetricsTable`,
   :class:`ResumableTrainLoader`, :class:`TokenThroughputMonitor`, :class:`LearningRateLogger`,
   :class:`SkippedSamplesLogger`; :class:`AtomicCheckpointIO`.
-- :class:`WarmupCosineLR`; :func:`export_checkpoint` (adapter safetensors + config for ``load_adapters``).
+- :class:`WarmupCosineLR`.
+
+Reading its checkpoints back (``module_from_checkpoint``, ``load_trained``, ``export_checkpoint``) is
+:mod:`mole_lightning.checkpoints`, a layer above.
 """
 
 from mole_lightning.models import ModelSpec  # re-exported: its home is mole_lightning.models.spec
@@ -20,7 +23,6 @@ from mole_lightning.training.callbacks import (
     SourceMetricsTable,
     source_table,
 )
-from mole_lightning.training.export import export_checkpoint, module_from_checkpoint
 from mole_lightning.training.module import MoLELightningModule
 from mole_lightning.training.schedules import WarmupCosineLR
 from mole_lightning.training.source_metrics import SourceLossMetric
@@ -48,9 +50,7 @@ __all__ = [
     "VisionGeometry",
     "WarmupCosineLR",
     "default_strategy",
-    "export_checkpoint",
     "fully_shard_llava_mole",
-    "module_from_checkpoint",
     "source_table",
     "training_flops",
     "vision_geometry",
