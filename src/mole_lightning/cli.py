@@ -31,6 +31,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningCLI
 
+from mole_lightning.checkpoints import DATA_SETTINGS, checkpoint_data_settings, read_checkpoint
 from mole_lightning.data import MixedInstructionDataModule
 from mole_lightning.training.callbacks import (
     AtomicCheckpointIO,
@@ -39,7 +40,6 @@ from mole_lightning.training.callbacks import (
     RoutingHeatmapCallback,
     SkippedSamplesLogger,
 )
-from mole_lightning.training.export import DATA_SETTINGS, checkpoint_data_settings, read_checkpoint
 from mole_lightning.training.module import MoLELightningModule
 from mole_lightning.training.strategies import default_strategy
 from mole_lightning.training.throughput import TokenThroughputMonitor
