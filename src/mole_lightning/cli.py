@@ -40,7 +40,7 @@ from mole_lightning.training.callbacks import (
     RoutingHeatmapCallback,
     SkippedSamplesLogger,
 )
-from mole_lightning.training.module import MoLELightningModule
+from mole_lightning.training.module import MoLELightningModule, link_model_and_data
 from mole_lightning.training.strategies import default_strategy
 from mole_lightning.training.throughput import TokenThroughputMonitor
 
@@ -88,9 +88,7 @@ class MoLECLI(LightningCLI):
         parser.add_lightning_class_args(LearningRateLogger, "lr_monitor")
         parser.add_lightning_class_args(SkippedSamplesLogger, "skipped_samples")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0})
-        parser.link_arguments("data.tokenizer", "model.tokenizer")
-        for name in ("num_image_tokens", "image_size", "image_mean", "image_std"):
-            parser.link_arguments(f"model.{name}", f"data.{name}", apply_on="instantiate")
+        link_model_and_data(parser)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The Trainer, with :class:`AtomicCheckpointIO` unless the config names a ``CheckpointIO`` plugin itself.

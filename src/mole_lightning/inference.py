@@ -50,10 +50,7 @@ from mole_lightning.data.templates import BadSampleError, ChatTemplateError
 from mole_lightning.generation import generate_answers
 from mole_lightning.models import load_llava_hf
 from mole_lightning.peft import iter_routers
-from mole_lightning.training.module import MoLELightningModule
-
-GEOMETRY_NAMES = ("num_image_tokens", "image_size", "image_mean", "image_std")
-"""Settings the data takes from the model's vision tower (linked as in ``mole-train``)."""
+from mole_lightning.training.module import MoLELightningModule, link_model_and_data
 
 
 class InferenceError(Exception):
@@ -89,9 +86,7 @@ def instantiate_recipe(recipe: dict[str, Any]) -> tuple[Any, Any]:
     parser = LightningArgumentParser(exit_on_error=False)
     parser.add_lightning_class_args(MoLELightningModule, "model")
     parser.add_lightning_class_args(MixedInstructionDataModule, "data")
-    parser.link_arguments("data.tokenizer", "model.tokenizer")
-    for name in GEOMETRY_NAMES:
-        parser.link_arguments(f"model.{name}", f"data.{name}", apply_on="instantiate")
+    link_model_and_data(parser)
     try:
         config = parser.parse_object({"model": recipe["model"], "data": recipe["data"]})
         objects = parser.instantiate_classes(config)

@@ -40,6 +40,18 @@ from mole_lightning.training.source_metrics import SourceLossMetric
 from mole_lightning.training.strategies import refuse_sharded_4bit
 from mole_lightning.training.throughput import parameter_counts, training_flops
 
+DATA_FROM_MODEL = ("num_image_tokens", "image_size", "image_mean", "image_std")
+"""DataModule settings taken from the module's vision tower (after instantiation)."""
+
+
+def link_model_and_data(parser: Any, model_key: str = "model", data_key: str = "data") -> None:
+    """The links between a :class:`MoLELightningModule` and a ``MixedInstructionDataModule`` in a
+    ``LightningArgumentParser`` (``mole-train`` and recipe loading alike): the tokenizer is set once, under
+    ``data.tokenizer``; the image token count, size, mean and std follow the model's tower."""
+    parser.link_arguments(f"{data_key}.tokenizer", f"{model_key}.tokenizer")
+    for name in DATA_FROM_MODEL:
+        parser.link_arguments(f"{model_key}.{name}", f"{data_key}.{name}", apply_on="instantiate")
+
 
 class MoLELightningModule(pl.LightningModule):
     """LightningModule around :class:`~mole_lightning.models.LlavaMoLE` for instruction tuning with MoLE.
