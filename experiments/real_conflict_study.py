@@ -364,9 +364,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     kinds = [k.strip() for k in args.methods.split(",") if k.strip()]
     bad = [k for k in kinds if k.partition("@")[0] in ("single", "mix2x", "mix_long", "soft")]
     if bad:
-        raise ValueError(
-            f"methods {bad} are not part of the real-weights study; choose from mix, dense, mole, mole_src"
-        )
+        raise ValueError(f"methods {bad} are not in the real-weights study; choose from mix, dense, mole, mole_src")
     if args.seeds < 1 or args.workers < 1 or args.per_domain < 1 or args.epochs < 1:
         raise ValueError("--seeds, --workers, --per-domain and --epochs must be >= 1")
     return args
