@@ -120,6 +120,7 @@ def test_rejects_methods_outside_the_study() -> None:
         study.resolve_model("/nonexistent/folder")
 
 
+@pytest.mark.slow
 def test_quick_run_end_to_end(folder: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     assert study.main(["--quick", "--model", str(folder), "--out", str(out), "--seeds", "2", "--workers", "1"]) == 0
