@@ -20,9 +20,9 @@ expanded the same way; every format has one.
 The commands without placeholders of the tools that finish in seconds (``RUN_TOOLS``) also run as written, in a
 subprocess, in a temporary folder prepared with the files they read (small demo data, a checkpoint, a question file
 with its images), with all optional parts of a synopsis included. The others are parsed only: the benchmarks
-(``bench_*``) and ``conflict_study`` take minutes (its ``--report-only`` and ``--compare`` read the results of such
-runs), and llava_to_shards' command reads an image folder at an absolute path (``/data/llava``); its command line is
-run on a folder of its own by ``tests/data/test_tool_commands.py``.
+(``bench_*``), ``conflict_study`` and ``real_conflict_study`` take minutes (``--report-only`` and ``--compare`` read
+the results of such runs), and llava_to_shards' command reads an image folder at an absolute path (``/data/llava``);
+its command line is run on a folder of its own by ``tests/data/test_tool_commands.py``.
 """
 
 from __future__ import annotations
@@ -145,6 +145,7 @@ MIN_COMMANDS = {
     "export_adapter": 0,  # documented as mole-export (parsed below); the script stays for old command lines
     "llava_to_shards": 2,
     "make_demo_data": 0,  # documented as mole-demo-data (parsed below); the script stays for old command lines
+    "real_conflict_study": 3,
     "routing_report": 0,  # documented as mole-routing-report (parsed below); the script stays for old commands
 }
 NOT_PARSED: dict[str, str] = {}  # shown command -> why it is not parsed

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -348,6 +349,7 @@ def evaluate(
     """
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     routers = [router for _, router in iter_routers(model)] if routing else []
     num_experts = routers[0].num_experts if routers else 0
     tables = [
@@ -365,19 +367,20 @@ def evaluate(
     for dset in sets:
         loss_sum, em_sum, count = 0.0, 0.0, 0
         for lo in range(0, len(dset), batch):
-            ids = dset.input_ids[lo : lo + batch]  # (B, S)
+            ids = dset.input_ids[lo : lo + batch].to(device)  # (B, S)
             mask = torch.ones_like(ids)
             with routing_mask(model, mask):
                 logits = model(input_ids=ids, attention_mask=mask).logits  # (B, S, V)
-            pred_logits = logits[:, start - 1 : start - 1 + length]  # (B, L, V)
+            pred_logits = logits[:, start - 1 : start - 1 + length].float()  # (B, L, V)
             target = ids[:, start : start + length]  # (B, L)
             ce = F.cross_entropy(pred_logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
             loss_sum += float(ce.view(-1, length).mean(1).sum())
             em_sum += float((pred_logits.argmax(-1) == target).all(1).float().sum())
             count += ids.shape[0]
             dom = dset.domain[lo : lo + batch]  # (B,)
+            ids = ids.cpu()
             for router, table in zip(routers, tables):
-                expert = router.record.expert.view(ids.shape)  # (B, S)
+                expert = router.record.expert.view(ids.shape).cpu()  # (B, S)
                 dom_tok = dom[:, None].expand_as(ids)  # (B, S)
                 np.add.at(table["domain"], (dom_tok.numpy().ravel(), expert.numpy().ravel()), 1)
                 ans = answer_pos[None, :].expand_as(ids)
@@ -397,6 +400,85 @@ def source_targets(model: nn.Module, num_domains: int) -> torch.Tensor:
     return torch.tensor([table.get(str(d), -1) for d in range(num_domains)], dtype=torch.long)
 
 
+def fit_adapters(
+    model: nn.Module,
+    method: MethodSpec,
+    train: TrainConfig,
+    task: TaskConfig,
+    data: DomainSet,
+    eval_sets: list[DomainSet],
+    per_domain: int,
+    seed: int,
+    source_lookup: torch.Tensor | None = None,
+    *,
+    eval_batch: int = 256,
+) -> dict[str, Any]:
+    """Train the adapted ``model``'s trainable parameters on ``data`` and evaluate on ``eval_sets`` along the way.
+
+    AdamW (no weight decay) at the method's peak lr with `lr_factor`'s warmup and cosine; ``train.epochs`` times
+    ``method.epoch_mult`` passes in batches of ``train.batch`` (order from ``1000 + seed``); the loss is the answer
+    cross-entropy plus `collect_aux`'s router losses. Evaluation points are spaced so that every method is evaluated
+    at the same per-domain samples seen, ``train.evals_per_epoch`` per epoch of ``train.per_domain`` samples.
+
+    Args:
+        model: the adapted model, on its device (batches are moved there).
+        method, train, task: the method, the shared schedule and the task family (`evaluate`'s positions).
+        data: the run's training samples (all domains of the run).
+        eval_sets: one held-out set per domain of the run.
+        per_domain: training samples per domain in ``data``.
+        seed: the job's seed.
+        source_lookup: (D,) target expert of each domain for the source-supervised routing loss, or None.
+        eval_batch: `evaluate`'s batch size.
+
+    Returns:
+        ``{"samples": (P,) per-domain samples seen, "steps": (P,), "loss": (P, D_eval), "em": (P, D_eval)}``.
+    """
+    device = next(model.parameters()).device
+    domains_in_run = len(eval_sets)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    peak_lr = train.lr if method.lr is None else method.lr
+    opt = torch.optim.AdamW(trainable, lr=peak_lr, weight_decay=0.0)
+
+    steps_per_epoch = len(data) // train.batch
+    epochs = train.epochs * method.epoch_mult
+    total_steps = steps_per_epoch * epochs
+    # per-domain samples seen advance by batch / domains_in_run per step; evaluate on a grid shared by all methods
+    eval_every = max(1, steps_per_epoch * train.per_domain // (per_domain * train.evals_per_epoch))
+    gen = torch.Generator().manual_seed(1000 + seed)
+    samples, steps, loss_curve, em_curve = [], [], [], []
+
+    def record(step: int) -> None:
+        loss, em, _ = evaluate(model, eval_sets, task, batch=eval_batch)
+        samples.append(step * train.batch // domains_in_run)
+        steps.append(step)
+        loss_curve.append(loss)
+        em_curve.append(em)
+
+    model.train()
+    record(0)
+    step = 0
+    for _ in range(epochs):
+        order = torch.randperm(len(data), generator=gen)
+        for b in range(steps_per_epoch):
+            idx = order[b * train.batch : (b + 1) * train.batch]
+            ids, labels = data.input_ids[idx].to(device), data.labels[idx].to(device)  # (B, S)
+            for group in opt.param_groups:
+                group["lr"] = peak_lr * lr_factor(step, total_steps)
+            mask = torch.ones_like(ids)
+            targets = None if source_lookup is None else source_lookup[data.domain[idx]].to(device)  # (B,) or -1
+            with routing_mask(model, mask), source_supervision(model, targets):
+                out = model(input_ids=ids, attention_mask=mask, labels=labels)
+            loss = out.loss + collect_aux(model).total
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            if step % eval_every == 0 or step == total_steps:
+                if not steps or steps[-1] != step:
+                    record(step)
+    return {"samples": samples, "steps": steps, "loss": np.stack(loss_curve), "em": np.stack(em_curve)}
+
+
 def run_job(job: JobSpec) -> JobResult:
     """Train one method on one seed from the cached stage-0 base and record its learning curves.
 
@@ -414,54 +496,13 @@ def run_job(job: JobSpec) -> JobResult:
     if job.domain is not None:
         train_sets, eval_sets = [train_sets[job.domain]], [eval_sets[job.domain]]
     data = DomainSet.concat(train_sets)
-    domains_in_run = len(train_sets)
 
     model = load_base(task, job.base, job.base_path)
     torch.manual_seed(1000 + job.seed)
     adapt_model(model, method, train)
     params, activated = adapter_counts(model, method)
     source_lookup = source_targets(model, task.num_domains) if method.source_routing_coef else None
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    peak_lr = train.lr if method.lr is None else method.lr
-    opt = torch.optim.AdamW(trainable, lr=peak_lr, weight_decay=0.0)
-
-    steps_per_epoch = len(data) // train.batch
-    epochs = train.epochs * method.epoch_mult
-    total_steps = steps_per_epoch * epochs
-    # per-domain samples seen advance by batch / domains_in_run per step; evaluate on a grid shared by all methods
-    eval_every = max(1, steps_per_epoch * train.per_domain // (per_domain * train.evals_per_epoch))
-    gen = torch.Generator().manual_seed(1000 + job.seed)
-    samples, steps, loss_curve, em_curve = [], [], [], []
-
-    def record(step: int) -> None:
-        loss, em, _ = evaluate(model, eval_sets, task)
-        samples.append(step * train.batch // domains_in_run)
-        steps.append(step)
-        loss_curve.append(loss)
-        em_curve.append(em)
-
-    model.train()
-    record(0)
-    step = 0
-    for _ in range(epochs):
-        order = torch.randperm(len(data), generator=gen)
-        for b in range(steps_per_epoch):
-            idx = order[b * train.batch : (b + 1) * train.batch]
-            ids, labels = data.input_ids[idx], data.labels[idx]  # (B, S)
-            for group in opt.param_groups:
-                group["lr"] = peak_lr * lr_factor(step, total_steps)
-            mask = torch.ones_like(ids)
-            targets = None if source_lookup is None else source_lookup[data.domain[idx]]  # (B,) expert or -1
-            with routing_mask(model, mask), source_supervision(model, targets):
-                out = model(input_ids=ids, attention_mask=mask, labels=labels)
-            loss = out.loss + collect_aux(model).total
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            if step % eval_every == 0 or step == total_steps:
-                if not steps or steps[-1] != step:
-                    record(step)
+    curves = fit_adapters(model, method, train, task, data, eval_sets, per_domain, job.seed, source_lookup)
     routing: list[dict[str, np.ndarray]] = []
     if method.routed:
         all_eval = make_domain_sets(task, rules, train.eval_per_domain, seed=30_000 + job.seed)
@@ -470,10 +511,10 @@ def run_job(job: JobSpec) -> JobResult:
         seed=job.seed,
         method=method.name,
         domain=job.domain,
-        samples=samples,
-        steps=steps,
-        loss=np.stack(loss_curve),
-        em=np.stack(em_curve),
+        samples=curves["samples"],
+        steps=curves["steps"],
+        loss=curves["loss"],
+        em=curves["em"],
         domains=[job.domain] if job.domain is not None else list(range(task.num_domains)),
         params=params,
         activated=activated,
