@@ -25,7 +25,7 @@ from mole_lightning.training import (
 )
 from mole_lightning.training.export import export_checkpoint, module_from_checkpoint
 from mole_lightning.training.throughput import parameter_counts, training_flops
-from tests.conftest import make_datamodule, make_module
+from tests.conftest import DEMO_VAL, make_datamodule, make_module
 
 
 def sgd(lr: float = 1.0):
@@ -251,12 +251,12 @@ def test_validation_loss_per_source_is_token_weighted_over_the_whole_source(demo
 
 def test_predict_step_returns_one_record_per_prompt(demo, tmp_path):
     module = make_module(demo, max_new_tokens=4)
-    datamodule = make_datamodule(demo, module, val_batch_size=12)
+    datamodule = make_datamodule(demo, module, val_batch_size=8)  # a full batch and a partial one per source
     outputs = trainer(tmp_path).predict(module, datamodule=datamodule)
     assert len(outputs) == len(datamodule.val_source_names)
     for name, per_loader in zip(datamodule.val_source_names, outputs):
         records = [r for batch in per_loader for r in batch]
-        assert len(records) == 24 and len({r["id"] for r in records}) == 24
+        assert len(records) == DEMO_VAL and len({r["id"] for r in records}) == DEMO_VAL
         for record in records:
             assert set(record) >= {"id", "source", "question", "answer", "prediction"}
             assert record["source"] == name and isinstance(record["prediction"], str)
