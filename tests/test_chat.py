@@ -18,26 +18,23 @@ from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from mole_lightning import chat
-from mole_lightning.data import make_demo_data
 from mole_lightning.data.collate import collate
 from mole_lightning.data.pipeline import SkipCounter, read_shard
 from mole_lightning.data.templates import encode_conversation
 from mole_lightning.inference import load_from_config
 from mole_lightning.peft import iter_routers
-from tests.demo_modules import make_datamodule
-from tests.inference_helpers import MAX_NEW_TOKENS, MOLE, write_checkpoint, write_recipe
+from tests.conftest import MAX_NEW_TOKENS, MOLE, make_datamodule, tiny_checkpoint, write_recipe
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, demo):
     """Demo data, a recipe, a checkpoint of a module with fixed random trained tensors, and per-source samples
     (image file, question, ``predict_step`` answer)."""
     root = tmp_path_factory.mktemp("chat")
-    demo = make_demo_data(str(root / "demo"), train=12, val=6, seed=0, maxcount=100)
     recipe = write_recipe(root / "recipe.yaml", demo)
     torch.set_num_threads(1)
     checkpoint = root / "last.ckpt"
-    module = write_checkpoint(checkpoint, demo.tokenizer)
+    module = tiny_checkpoint(checkpoint, demo.tokenizer)
 
     data = make_datamodule(demo, module, val_batch_size=1)
     data.setup("predict")

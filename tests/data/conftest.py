@@ -1,39 +1,21 @@
-"""Fixtures for the data tests: a small demo data set, its tokenizer, helpers to write crafted shards and to load a
-tool."""
+"""Fixtures for the data tests: the demo tokenizer and helpers to write crafted shards (the demo data set, the
+DataModule factory and ``load_tool`` come from ``tests/conftest.py``)."""
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
-import os
-from types import ModuleType
 from typing import Any
 
 import pytest
 from PIL import Image
 
-from mole_lightning.data.demo import DemoData, make_demo_data
+from mole_lightning.data.demo import DemoData
 from mole_lightning.data.samples import load_tokenizer
 from mole_lightning.data.shard_writer import ShardWriter
 
 NUM_IMAGE_TOKENS = 4
 IMAGE_SIZE = 32
-TOOLS = os.path.join(os.path.dirname(__file__), "..", "..", "tools")
-
-
-def load_tool(name: str) -> ModuleType:
-    """The command-line tool ``tools/<name>.py`` as a module (to call its ``main(argv)``)."""
-    spec = importlib.util.spec_from_file_location(name, os.path.join(TOOLS, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="session")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> DemoData:
-    """Demo data with 120 training samples per source in 3 shards each, 20 validation samples per source."""
-    return make_demo_data(str(tmp_path_factory.mktemp("demo")), train=120, val=20, seed=0, maxcount=40)
 
 
 @pytest.fixture(scope="session")

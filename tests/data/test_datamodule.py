@@ -2,41 +2,20 @@
 
 from __future__ import annotations
 
-import inspect
-
 import lightning.pytorch as pl
 import pytest
 import torch
 
 from mole_lightning.data import MixedInstructionDataModule
+from tests.conftest import DEMO_TRAIN, DEMO_VAL, make_datamodule
 from tests.data.conftest import IMAGE_SIZE, NUM_IMAGE_TOKENS, record, write_source
 
 
 def make(demo, **overrides) -> MixedInstructionDataModule:
-    options = dict(
-        sources=demo.sources("train"),
-        val_sources=demo.sources("val"),
-        tokenizer=demo.tokenizer,
-        num_image_tokens=NUM_IMAGE_TOKENS,
-        image_size=IMAGE_SIZE,
-        batch_size=8,
-        num_workers=0,
-        max_length=256,
-        shuffle_buffer=20,
-        samples_per_epoch=64,
-    )
-    options.update(overrides)
-    return MixedInstructionDataModule(**options)
-
-
-def test_constructor_arguments_are_typed_and_documented():
-    signature = inspect.signature(MixedInstructionDataModule.__init__)
-    doc = MixedInstructionDataModule.__doc__
-    for name, parameter in signature.parameters.items():
-        if name == "self":
-            continue
-        assert parameter.annotation is not inspect.Parameter.empty, name
-        assert f"    {name}:" in doc, name
+    """The shared DataModule factory with the data tests' geometry (4 image tokens, 32 px) and sizes."""
+    options = dict(num_image_tokens=NUM_IMAGE_TOKENS, image_size=IMAGE_SIZE, batch_size=8, max_length=256)
+    options.update(shuffle_buffer=20, samples_per_epoch=64, val_batch_size=None)
+    return make_datamodule(demo, **{**options, **overrides})
 
 
 @pytest.mark.parametrize("grouped", [False, True], ids=["consecutive", "grouped"])
@@ -86,16 +65,16 @@ def test_bad_group_batches_is_a_clear_error(demo):
 def test_default_epoch_size_comes_from_sizes_json(demo):
     datamodule = make(demo, samples_per_epoch=None)
     datamodule.setup("fit")
-    assert datamodule.epoch_samples() == 360
+    assert datamodule.epoch_samples() == 3 * DEMO_TRAIN
 
 
 def test_validation_loaders_per_source_and_generation_batches(demo):
-    datamodule = make(demo, val_batch_size=16)
+    datamodule = make(demo, val_batch_size=8)
     datamodule.setup("validate")
     assert datamodule.val_source_names == ["general", "doc", "med"]
     for name, loader in zip(datamodule.val_source_names, datamodule.val_dataloader()):
         batches = list(loader)
-        assert [len(b["id"]) for b in batches] == [16, 4]
+        assert [len(b["id"]) for b in batches] == [8, DEMO_VAL - 8]  # a full batch, then the rest
         assert {s for b in batches for s in b["source"]} == {name}
     test_loaders = datamodule.test_dataloader()
     assert [{s for b in loader for s in b["source"]} for loader in test_loaders] == [{"general"}, {"doc"}, {"med"}]
@@ -175,11 +154,11 @@ def test_fits_in_a_lightning_trainer_with_workers(demo):
 
 
 def test_frequencies_set_the_epoch_to_the_mixture_size_and_the_stream_follows_them(demo):
-    frequencies = {"general": 1.0, "doc": 0.5, "med": 2.0}  # every demo source has N = 120 training samples
+    frequencies = {"general": 1.0, "doc": 0.5, "med": 2.0}  # every demo source has N = DEMO_TRAIN training samples
     sources = {name: {"urls": spec, "frequency": frequencies[name]} for name, spec in demo.train.items()}
     dm = make(demo, sources=sources, samples_per_epoch=None)
     dm.setup("fit")
-    assert dm.epoch_samples() == 120 * (1.0 + 0.5 + 2.0)  # |D_mix| = Σ λ_m N_m
+    assert dm.epoch_samples() == DEMO_TRAIN * (1.0 + 0.5 + 2.0)  # |D_mix| = Σ λ_m N_m
 
     dm = make(demo, sources=sources, samples_per_epoch=1400, batch_size=20)
     dm.setup("fit")
@@ -190,6 +169,6 @@ def test_frequencies_set_the_epoch_to_the_mixture_size_and_the_stream_follows_th
     total = sum(counts.values())
     assert total == 1400
     for name, frequency in frequencies.items():
-        expected = frequency * 120 / (120 * 3.5)  # λ_m N_m / Σ λ_k N_k
+        expected = frequency * DEMO_TRAIN / (DEMO_TRAIN * 3.5)  # λ_m N_m / Σ λ_k N_k
         standard_error = (expected * (1 - expected) / total) ** 0.5  # binomial
         assert abs(counts[name] / total - expected) < 4 * standard_error, counts

@@ -14,7 +14,7 @@ from PIL import Image
 
 from mole_lightning.data.demo import DEMO_IMAGE_SIZE
 from mole_lightning.data.sources import expand_urls
-from tests.data.conftest import load_tool
+from tests.conftest import DEMO_MAXCOUNT, DEMO_TRAIN, DEMO_VAL, load_tool
 
 
 def read_records(spec: str) -> list[tuple[dict, bytes | None]]:
@@ -30,13 +30,13 @@ def read_records(spec: str) -> list[tuple[dict, bytes | None]]:
 
 
 def test_layout_and_sizes(demo):
-    for split, count in (("train", 120), ("val", 20)):
+    for split, count in (("train", DEMO_TRAIN), ("val", DEMO_VAL)):
         sizes = json.loads(open(os.path.join(demo.root, split, "sizes.json")).read())
         for source in ("general", "doc", "med"):
             assert sum(v for k, v in sizes.items() if k.startswith(source + "-")) == count
     assert set(os.listdir(os.path.join(demo.root, "train"))) == {
         "sizes.json",
-        *(f"{s}-{i:06d}.tar" for s in ("general", "doc", "med") for i in range(3)),
+        *(f"{s}-{i:06d}.tar" for s in ("general", "doc", "med") for i in range(-(-DEMO_TRAIN // DEMO_MAXCOUNT))),
     }
 
 

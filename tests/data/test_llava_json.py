@@ -8,7 +8,8 @@ from PIL import Image
 
 from mole_lightning.constants import IGNORE_INDEX
 from mole_lightning.data import MixedInstructionDataModule
-from tests.data.conftest import IMAGE_SIZE, NUM_IMAGE_TOKENS, load_tool
+from tests.conftest import load_tool
+from tests.data.conftest import IMAGE_SIZE, NUM_IMAGE_TOKENS
 
 
 def write_llava_folder(root) -> str:

@@ -25,6 +25,7 @@ from mole_lightning.data.pipeline import (
 )
 from mole_lightning.data.samples import SampleEncoder
 from mole_lightning.data.sources import expand_urls
+from tests.conftest import DEMO_TRAIN, DEMO_VAL
 from tests.data.conftest import IMAGE_SIZE, NUM_IMAGE_TOKENS, image_bytes, record, write_source
 
 
@@ -216,7 +217,7 @@ def test_validation_reads_each_sample_exactly_once(demo, num_workers):
     ids = Counter()
     for batch in eval_loader(demo, "doc", demo.val["doc"], SkipTally(), num_workers=num_workers):
         ids.update(batch["id"])
-    assert ids == Counter({f"doc-val-{i}": 1 for i in range(20)})
+    assert ids == Counter({f"doc-val-{i}": 1 for i in range(DEMO_VAL)})
 
 
 def test_validation_is_split_over_ranks_without_overlap(demo):
@@ -225,7 +226,7 @@ def test_validation_is_split_over_ranks_without_overlap(demo):
         stream = SourceEvalStream("med", expand_urls(demo.train["med"]), encoder(demo), Collator(3), 16, rank, 2)
         seen.append({i for b in CountingLoader(stream, SkipTally(), num_workers=2) for i in b["id"]})
     assert not seen[0] & seen[1]
-    assert seen[0] | seen[1] == {f"med-train-{i}" for i in range(120)}
+    assert seen[0] | seen[1] == {f"med-train-{i}" for i in range(DEMO_TRAIN)}
 
 
 @pytest.fixture()
@@ -250,7 +251,7 @@ def test_streams_shards_over_http_and_skips_a_dead_url(demo, http_server):
     tally = SkipTally()
     with pytest.warns(RuntimeWarning, match="missing-000000.tar"):
         ids = {i for b in eval_loader(demo, "general", urls, tally) for i in b["id"]}
-    assert ids == {f"general-train-{i}" for i in range(120)}
+    assert ids == {f"general-train-{i}" for i in range(DEMO_TRAIN)}
     assert tally.as_dict() == {"unreadable_shard/general": 1}
 
     stream = training_stream(demo, {"general": {"urls": urls[0], "weight": 1.0}}, batches=4)

@@ -1,9 +1,8 @@
 """The converter command lines, run as a user runs them: ``python tools/<tool>.py ...`` in a subprocess (exit code,
-printed report, files written)."""
+printed report, files written); one case through the tool's ``main``."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess
@@ -11,9 +10,9 @@ import sys
 import tarfile
 from pathlib import Path
 
-from PIL import Image
-
 import mole_lightning
+from tests.conftest import load_tool
+from tests.data.conftest import image_bytes
 
 ROOT = Path(__file__).parents[2]
 SRC = Path(mole_lightning.__file__).parents[1]
@@ -30,12 +29,6 @@ def run_tool(name: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
 
 
-def png(color: tuple[int, int, int]) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (20, 12), color).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def tar_members(path: Path) -> dict[str, bytes]:
     with tarfile.open(path) as tar:
         return {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
@@ -48,7 +41,7 @@ def turn(question: str, answer: str) -> list[dict]:
 def test_llava_to_shards_command_line_with_list_valued_images(tmp_path):
     images = tmp_path / "images"
     images.mkdir()
-    red, blue = png((255, 0, 0)), png((0, 0, 255))
+    red, blue = image_bytes((255, 0, 0)), image_bytes((0, 0, 255))
     (images / "red.png").write_bytes(red)
     (images / "blue.png").write_bytes(blue)
     records = [
@@ -82,8 +75,8 @@ def test_mole_convert_questions_command_line(tmp_path):
     """``mole-convert questions`` (the installed script) and its old spelling ``tools/convert_llava_questions.py``."""
     images = tmp_path / "val"
     images.mkdir()
-    (images / "a.png").write_bytes(png((0, 200, 0)))
-    (images / "b.png").write_bytes(png((200, 200, 0)))
+    (images / "a.png").write_bytes(image_bytes((0, 200, 0)))
+    (images / "b.png").write_bytes(image_bytes((200, 200, 0)))
     questions = [
         {"question_id": 11, "image": "a.png", "text": "Is there a green square?", "label": "yes"},
         {"question_id": 12, "image": "b.png", "text": "Which colour?", "options": ["green", "yellow"], "answer": "B"},
@@ -116,11 +109,13 @@ def test_mole_convert_questions_command_line(tmp_path):
     assert "absent.jsonl" in missing.stderr
 
 
-def test_an_empty_llava_json_writes_no_shard_and_names_no_url(tmp_path):
+def test_an_empty_llava_json_writes_no_shard_and_names_no_url(tmp_path, capsys):
+    """Through the tool's ``main`` (the command line itself runs in the tests above)."""
     (tmp_path / "empty.json").write_text("[]")
     (tmp_path / "images").mkdir()
     args = ["--json", str(tmp_path / "empty.json"), "--images", str(tmp_path / "images"), "--source", "general"]
-    result = run_tool("llava_to_shards", *args, "--out", str(tmp_path / "out"))
-    assert result.returncode == 1, result.stderr  # nothing written: not a success
-    assert "wrote 0 of 0 records to 0 shard(s)" in result.stdout and "the input holds no records" in result.stdout
-    assert "urls:" not in result.stdout and not list((tmp_path / "out").glob("*.tar"))
+    code = load_tool("llava_to_shards").main([*args, "--out", str(tmp_path / "out")])
+    printed = capsys.readouterr().out
+    assert code == 1, printed  # nothing written: not a success
+    assert "wrote 0 of 0 records to 0 shard(s)" in printed and "the input holds no records" in printed
+    assert "urls:" not in printed and not list((tmp_path / "out").glob("*.tar"))

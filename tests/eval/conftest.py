@@ -1,39 +1,23 @@
-"""Fixtures for the evaluation tests: small demo shards, the tiny model, and LightningModules driving the callbacks."""
+"""Helpers of the evaluation tests: a stand-in model answering a constant, a LightningModule driving the callbacks,
+and the DataModule settings they use (the demo data set comes from ``tests/conftest.py``)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import lightning.pytorch as pl
-import pytest
 import torch
 from torch import nn
 
-from mole_lightning.data import DemoData, MixedInstructionDataModule, make_demo_data
-
-TINY_IMAGE_TOKENS = 16
-TINY_IMAGE_SIZE = 32
+from mole_lightning.data import DemoData, MixedInstructionDataModule
+from tests.conftest import make_datamodule
 
 
-@pytest.fixture(scope="session")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> DemoData:
-    """Demo data: 8 training and 10 validation samples per source (general, doc, med)."""
-    return make_demo_data(str(tmp_path_factory.mktemp("eval_demo")), train=8, val=10, seed=0, maxcount=100)
-
-
-def make_datamodule(demo: DemoData, batch_size: int = 4) -> MixedInstructionDataModule:
-    """A DataModule over the demo shards sized for the tiny model (16 image tokens, 32 px), no workers."""
-    return MixedInstructionDataModule(
-        sources=demo.sources("train"),
-        val_sources=demo.sources("val"),
-        tokenizer=demo.tokenizer,
-        num_image_tokens=TINY_IMAGE_TOKENS,
-        image_size=TINY_IMAGE_SIZE,
-        batch_size=batch_size,
-        num_workers=0,
-        samples_per_epoch=8,
-        max_length=256,
-        shuffle_buffer=0,
+def make_eval_datamodule(demo: DemoData, batch_size: int = 4) -> MixedInstructionDataModule:
+    """The shared DataModule factory with the evaluation tests' settings (256 tokens, 8 samples per epoch, no
+    shuffling)."""
+    return make_datamodule(
+        demo, batch_size=batch_size, val_batch_size=None, max_length=256, samples_per_epoch=8, shuffle_buffer=0
     )
 
 

@@ -13,7 +13,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from mole_lightning.data.samples import load_tokenizer
 from mole_lightning.eval import GenerationEvalCallback, JsonlPredictionWriter
-from tests.eval.conftest import ConstantAnswerModel, EvalModule, make_datamodule
+from tests.conftest import DEMO_VAL
+from tests.eval.conftest import ConstantAnswerModel, EvalModule, make_eval_datamodule
 
 SOURCES = ("general", "doc", "med")
 
@@ -60,7 +61,7 @@ def test_callback_logs_per_source_metrics_on_tiny_model(tmp_path, demo):
     model = build_preset("tiny", tokenizer=demo.tokenizer)
     callback = GenerationEvalCallback(every_n_steps=2, max_samples_per_source=5, max_new_tokens=3, num_examples=2)
     trainer = _trainer(tmp_path, [callback], max_steps=2)
-    trainer.fit(EvalModule(model), datamodule=make_datamodule(demo))
+    trainer.fit(EvalModule(model), datamodule=make_eval_datamodule(demo))
 
     results = callback.last_results
     for source in SOURCES:
@@ -87,7 +88,7 @@ def test_callback_logs_per_source_metrics_on_tiny_model(tmp_path, demo):
 
 
 def test_callback_scores_constant_answers_in_validate(tmp_path, demo):
-    dm = make_datamodule(demo)
+    dm = make_eval_datamodule(demo)
     tokenizer = load_tokenizer(demo.tokenizer)
     module = EvalModule(ConstantAnswerModel(tokenizer, "Yes, it is."))
     table_path = tmp_path / "tables" / "gen_eval.txt"
@@ -95,7 +96,7 @@ def test_callback_scores_constant_answers_in_validate(tmp_path, demo):
     trainer = _trainer(tmp_path, [callback], limit_val_batches=1)
     logged = trainer.validate(module, datamodule=dm)[0]
 
-    samples = _val_samples(make_datamodule(demo), 7)
+    samples = _val_samples(make_eval_datamodule(demo), 7)
     results = callback.last_results
     # "Yes, it is." is "yes" for POPE, no option letter, and matches no short or open reference
     med_yesno = [answers[0] for task, answers in samples["med"] if task == "yesno"]
@@ -116,7 +117,7 @@ def test_callback_scores_constant_answers_in_validate(tmp_path, demo):
 
 
 def test_prediction_writer_one_line_per_sample(tmp_path, demo):
-    dm = make_datamodule(demo, batch_size=3)
+    dm = make_eval_datamodule(demo, batch_size=3)
     tokenizer = load_tokenizer(demo.tokenizer)
     module = EvalModule(ConstantAnswerModel(tokenizer, "no"))
     out = tmp_path / "pred"
@@ -125,17 +126,17 @@ def test_prediction_writer_one_line_per_sample(tmp_path, demo):
     trainer.predict(module, datamodule=dm, return_predictions=False)
 
     lines = (out / "predictions.jsonl").read_text().splitlines()
-    assert len(lines) == 30  # 10 validation samples x 3 sources
+    assert len(lines) == 3 * DEMO_VAL  # every validation sample of the 3 sources
     rows = [json.loads(line) for line in lines]
     assert {r["source"] for r in rows} == set(SOURCES)
-    assert len({r["id"] for r in rows}) == 30
+    assert len({r["id"] for r in rows}) == 3 * DEMO_VAL
     for row in rows:
         assert set(row) >= {"id", "source", "question", "answer", "prediction", "task", "score"}
         assert row["prediction"] == "no"
         if row["task"] == "yesno":
             assert row["score"] == float(row["answer"] == ["no"])
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["overall/count"] == 30
+    assert metrics["overall/count"] == 3 * DEMO_VAL
     med_yesno = [r for r in rows if r["source"] == "med" and r["task"] == "yesno"]
     assert metrics["med/yesno/yes_ratio"] == 0.0
     assert metrics["med/yesno/accuracy"] == pytest.approx(

@@ -15,12 +15,11 @@ from PIL import Image
 
 pytest.importorskip("lmms_eval")
 
-from mole_lightning.data import make_demo_data  # noqa: E402
 from mole_lightning.data.pipeline import SkipCounter, read_shard  # noqa: E402
 from mole_lightning.eval import ShortAnswerAccuracy  # noqa: E402
 from mole_lightning.inference import load_from_config  # noqa: E402
 from mole_lightning.integrations.lmms_eval import cut_at_stops  # noqa: E402
-from tests.inference_helpers import write_checkpoint, write_recipe  # noqa: E402
+from tests.conftest import tiny_checkpoint, write_recipe  # noqa: E402
 
 TASK_DIR = Path(__file__).parent / "lmms_task"
 TASK = "mole_demo_vqa"
@@ -44,11 +43,10 @@ def demo_questions(demo, out: Path) -> list[dict]:
     return records
 
 
-def test_lmms_eval_cli_scores_like_our_metric(tmp_path):
-    demo = make_demo_data(str(tmp_path / "demo"), train=12, val=6, seed=0, maxcount=100)
+def test_lmms_eval_cli_scores_like_our_metric(demo, tmp_path):
     recipe = write_recipe(tmp_path / "recipe.yaml", demo)
     checkpoint = tmp_path / "last.ckpt"
-    write_checkpoint(checkpoint, demo.tokenizer)
+    tiny_checkpoint(checkpoint, demo.tokenizer)
     records = demo_questions(demo, tmp_path)
     assert len(records) >= 4
 

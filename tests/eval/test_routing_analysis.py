@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from mole_lightning.eval.routing_analysis import RoutingAccumulator, RoutingCounts, layer_label, mutual_information
+from mole_lightning.eval.routing_analysis import (
+    RoutingAccumulator,
+    RoutingCounts,
+    layer_label,
+    mutual_information,
+    source_entropy,
+)
 
 
 def test_mi_independent_is_zero():
@@ -32,6 +39,21 @@ def test_mi_partial_by_hand():
     assert mutual_information(torch.tensor([[6, 2], [1, 3]])) == pytest.approx(0.168590, abs=1e-5)
     # uniform weighting only looks at p(e|s) = (3/4, 1/4) and (1/4, 3/4): the symmetric case above
     assert mutual_information(torch.tensor([[6, 2], [1, 3]]), weighting="uniform") == pytest.approx(0.188722, abs=1e-6)
+
+
+def test_mi_on_numpy_counts_zero_rows_and_order():
+    # p(d, e) = p(d) p(e) for 3 x 3 counts given as numpy
+    assert mutual_information(np.outer([10, 30, 60], [2, 5, 3])) == pytest.approx(0.0, abs=1e-12)
+    counts = np.diag([40, 40, 20])  # each domain always on its own expert: I = H(domain)
+    h_domain = -(0.4 * math.log2(0.4) * 2 + 0.2 * math.log2(0.2))
+    assert source_entropy(counts) == pytest.approx(h_domain)
+    assert mutual_information(counts) == pytest.approx(h_domain)
+    # two domains sharing one expert, the third alone on the other: I = H(expert) = H(1/2, 1/2) = 1 bit
+    assert mutual_information(np.array([[25, 0], [25, 0], [0, 50]])) == pytest.approx(1.0)
+    # p = [[0.4, 0.1], [0.1, 0.4]]: I = 0.8 log2(0.4 / 0.25) + 0.2 log2(0.1 / 0.25); rows swapped, a zero row added
+    expected = 0.8 * math.log2(1.6) + 0.2 * math.log2(0.4)
+    assert mutual_information(np.array([[40, 10], [10, 40]])) == pytest.approx(expected)
+    assert mutual_information(np.array([[10, 40], [0, 0], [40, 10]])) == pytest.approx(expected)
 
 
 def test_mi_no_tokens():

@@ -9,7 +9,8 @@ import lightning.pytorch as pl
 
 from mole_lightning.eval import GenerationEvalCallback, JsonlPredictionWriter
 from mole_lightning.training import MoLELightningModule
-from tests.eval.conftest import make_datamodule
+from tests.conftest import DEMO_VAL
+from tests.eval.conftest import make_eval_datamodule
 
 
 def test_callback_and_writer_with_training_module(tmp_path, demo):
@@ -26,7 +27,7 @@ def test_callback_and_writer_with_training_module(tmp_path, demo):
         limit_val_batches=0,
         num_sanity_val_steps=0,
     )
-    trainer.fit(module, datamodule=make_datamodule(demo))
+    trainer.fit(module, datamodule=make_eval_datamodule(demo))
     assert {k: v for k, v in callback.last_results.items() if k.endswith("/count") and k.count("/") == 1} == {
         "general/count": 3.0,
         "doc/count": 3.0,
@@ -36,9 +37,9 @@ def test_callback_and_writer_with_training_module(tmp_path, demo):
 
     out = tmp_path / "pred"
     predictor = pl.Trainer(accelerator="cpu", callbacks=[JsonlPredictionWriter(str(out))], logger=False)
-    predictor.predict(module, datamodule=make_datamodule(demo), return_predictions=False)
+    predictor.predict(module, datamodule=make_eval_datamodule(demo), return_predictions=False)
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
-    assert len(rows) == 30  # the demo fixture: 10 validation samples in each of 3 sources
-    assert Counter(row["source"] for row in rows) == {"general": 10, "doc": 10, "med": 10}
-    assert len({(row["source"], row["id"]) for row in rows}) == 30
+    assert len(rows) == 3 * DEMO_VAL  # every validation sample of the 3 sources, once
+    assert Counter(row["source"] for row in rows) == {"general": DEMO_VAL, "doc": DEMO_VAL, "med": DEMO_VAL}
+    assert len({(row["source"], row["id"]) for row in rows}) == 3 * DEMO_VAL
     assert all({"id", "source", "question", "answer", "prediction", "score"} <= set(row) for row in rows)

@@ -16,6 +16,7 @@ import torch
 
 from mole_lightning.peft import MoLEConfig
 from mole_lightning.training import ModelSpec, MoLELightningModule
+from tests.conftest import write_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOL = ROOT / "tools" / "export_adapter.py"
@@ -25,7 +26,7 @@ MOLE_EXPORT = Path(sys.executable).with_name("mole-export")
 DATA_SETTINGS = {"template": "vicuna_v1", "system_prompt": None, "max_length": 512, "image_aspect": "pad"}
 
 
-def write_checkpoint(real_folders, path: Path, num_experts: int, data: dict | None = None) -> MoLELightningModule:
+def vicuna_checkpoint(real_folders, path: Path, num_experts: int, data: dict | None = None) -> MoLELightningModule:
     """A checkpoint as mole-train writes it (trainable tensors only) of vicuna + CLIP-336 with non-zero adapters;
     ``data``: the data module's hyper-parameters Lightning records beside the module's (default: vicuna_v1, 512
     tokens, pad)."""
@@ -37,11 +38,7 @@ def write_checkpoint(real_folders, path: Path, num_experts: int, data: dict | No
         for name, param in module.model.named_parameters():
             if name.endswith("lora_B") or name.startswith("projector."):
                 param.add_(0.2 * torch.randn(param.shape, generator=g))
-    checkpoint = {"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}
-    checkpoint["datamodule_hyper_parameters"] = data if data is not None else {**DATA_SETTINGS, "batch_size": 2}
-    module.on_save_checkpoint(checkpoint)
-    torch.save(checkpoint, path)
-    return module
+    return write_checkpoint(path, module, data if data is not None else {**DATA_SETTINGS, "batch_size": 2})
 
 
 def run_tool(*args: str) -> subprocess.CompletedProcess:
@@ -66,7 +63,7 @@ def tool():
 @pytest.fixture(scope="module")
 def lora_checkpoint(real_folders, tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "last.ckpt"
-    module = write_checkpoint(real_folders, path, num_experts=1)
+    module = vicuna_checkpoint(real_folders, path, num_experts=1)
     return path, module.model.eval()
 
 
@@ -150,7 +147,7 @@ def test_refusals(tool, real_folders, lora_checkpoint, tmp_path, capsys):
     assert "--base DIR" in last_line(capsys.readouterr().err)
 
     mole_ckpt = tmp_path / "mole.ckpt"
-    write_checkpoint(real_folders, mole_ckpt, num_experts=3)
+    vicuna_checkpoint(real_folders, mole_ckpt, num_experts=3)
     assert tool.main([str(mole_ckpt), "--out", str(tmp_path / "m"), "--to", "llava-hf", "--merge"]) == 1
     error = last_line(capsys.readouterr().err)
     assert error.startswith("mole-export: error: the model is a MoLE with K=3") and "--to mole" in error
@@ -165,7 +162,7 @@ def test_llava_hf_chat_template_follows_the_recorded_data_settings(tool, real_fo
     checkpoint = tmp_path / "lora.ckpt"
     system = "Answer briefly."
     data = {"tokenizer": str(real_folders["vicuna"]), "template": "vicuna_v1", "system_prompt": system}
-    model = write_checkpoint(real_folders, checkpoint, num_experts=1, data=data).model
+    model = vicuna_checkpoint(real_folders, checkpoint, num_experts=1, data=data).model
     out = tmp_path / "hf"
     assert tool.main([str(checkpoint), "--out", str(out), "--to", "llava-hf", "--merge"]) == 0
     processor = AutoProcessor.from_pretrained(out)
@@ -190,7 +187,7 @@ def test_mole_k3_with_write_base_command(tool, real_folders, tmp_path):
     from mole_lightning.models import load_llava_hf
 
     checkpoint = tmp_path / "mole.ckpt"
-    model = write_checkpoint(real_folders, checkpoint, num_experts=3).model.eval()
+    model = vicuna_checkpoint(real_folders, checkpoint, num_experts=3).model.eval()
     out = tmp_path / "mole"
     assert tool.main([str(checkpoint), "--out", str(out), "--write-base"]) == 0
     names = []

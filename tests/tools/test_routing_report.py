@@ -20,9 +20,10 @@ import torch
 import torch.nn.functional as F
 
 from mole_lightning.constants import IGNORE_INDEX
-from mole_lightning.data import MixedInstructionDataModule, make_demo_data
+from mole_lightning.data import MixedInstructionDataModule
 from mole_lightning.peft import MoLEConfig, iter_routers
 from mole_lightning.training import ModelSpec, MoLELightningModule
+from tests.conftest import write_checkpoint
 
 SOURCES = ("general", "doc", "med")
 LAYERS = ("L0", "L1", "L2")
@@ -90,11 +91,10 @@ def samples_json(page: str) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def report(tmp_path_factory: pytest.TempPathFactory, demo) -> dict[str, Any]:
     """A 3-layer tiny model saved as a training checkpoint (architecture in its hyper-parameters), the report with
     its page, and the model itself as the reference."""
     root = tmp_path_factory.mktemp("routing_page")
-    demo = make_demo_data(str(root / "demo"), train=2, val=6, seed=0, maxcount=100)
     spec = ModelSpec(
         preset="tiny",
         llm_config=dict(
@@ -112,9 +112,9 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         for name, param in model.named_parameters():
             if name.endswith("router.bias"):
                 param.add_(torch.tensor([0.4, 0.0, -0.4]))
-    state = {f"model.{n}": p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    module.model = model
     checkpoint = root / "last.ckpt"
-    torch.save({"state_dict": state, "hyper_parameters": dict(module.hparams)}, checkpoint)
+    write_checkpoint(checkpoint, module)
 
     from tools.routing_report import main
 

@@ -1,26 +1,18 @@
-"""Fixtures for the training tests: small demo shards and batches (the tiny module and DataModule factories live in
-:mod:`tests.demo_modules`)."""
+"""Fixtures for the training tests: a few batches of the demo mixture, one torch thread per test."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from mole_lightning.data import make_demo_data
-from tests.demo_modules import TINY_MOLE, make_datamodule, make_module  # noqa: F401 (also imported from here)
+from tests.conftest import make_datamodule, make_module
 
 
 @pytest.fixture(scope="session")
-def demo_data(tmp_path_factory):
-    """Demo shards (120 training / 24 validation samples per source) and tokenizer."""
-    return make_demo_data(str(tmp_path_factory.mktemp("demo")), train=120, val=24, seed=0, maxcount=60)
-
-
-@pytest.fixture(scope="session")
-def train_batches(demo_data):
+def train_batches(demo):
     """A few training batches (dicts of CPU tensors) of the demo mixture."""
-    module = make_module(demo_data)
-    datamodule = make_datamodule(demo_data, module)
+    module = make_module(demo)
+    datamodule = make_datamodule(demo, module)
     datamodule.setup("fit")
     iterator = iter(datamodule.train_dataloader())
     return [next(iterator) for _ in range(4)]

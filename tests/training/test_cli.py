@@ -19,6 +19,7 @@ from mole_lightning.training import (
     RoutingHeatmapCallback,
     SourceMetricsTable,
 )
+from tests.conftest import demo_at
 
 CONFIGS = Path(__file__).parents[2] / "configs"
 MAIN_CONFIGS = sorted(p for p in CONFIGS.glob("*.yaml"))
@@ -111,13 +112,17 @@ def test_dense_baseline_trains_as_many_parameters_as_mole_at_7b_shapes():
     from mole_lightning.peft import MoLEConfig, apply_mole
 
     d, f, layers = 4096, 11008, 32
+    built = 2  # every decoder layer gets the same adapters: count two layers' and scale to 32
 
     def trainable(recipe: str) -> int:
         mole = print_config(["fit", "--config", str(CONFIGS / recipe), "--print_config"])["model"]["mole"]
         with torch.device("meta"):
-            llm = LlamaForCausalLM(LlamaConfig(hidden_size=d, intermediate_size=f, num_hidden_layers=layers))
+            llm = LlamaForCausalLM(LlamaConfig(hidden_size=d, intermediate_size=f, num_hidden_layers=built))
         apply_mole(llm, MoLEConfig(**mole))
-        return sum(p.numel() for p in llm.parameters() if p.requires_grad)
+        per_layer = [sum(p.numel() for p in layer.parameters() if p.requires_grad) for layer in llm.model.layers]
+        assert per_layer[0] == per_layer[1]
+        assert sum(p.numel() for p in llm.parameters() if p.requires_grad) == sum(per_layer)  # only in the layers
+        return per_layer[0] * layers
 
     def closed_form(rank: int, mlp_rank: int, experts: int) -> int:
         attention = 4 * 2 * d * rank
@@ -133,10 +138,7 @@ def test_dense_baseline_trains_as_many_parameters_as_mole_at_7b_shapes():
     assert trainable("llava_lora_7b_r128.yaml") == closed_form(128, 128, 1)  # 319.8M
 
 
-def test_demo_config_instantiates_with_linked_geometry_forced_and_extra_callbacks(tmp_path):
-    from mole_lightning.data import make_demo_data
-
-    demo = make_demo_data(str(tmp_path / "demo"), train=20, val=8, seed=0, maxcount=20)
+def test_demo_config_instantiates_with_linked_geometry_forced_and_extra_callbacks(demo):
     cli = cli_main(
         [
             "--config",
@@ -160,10 +162,7 @@ def test_demo_config_instantiates_with_linked_geometry_forced_and_extra_callback
     assert cli.model.resolved_mole_config().num_experts == 3
 
 
-def test_fsdp2_is_the_default_for_several_devices(tmp_path):
-    from mole_lightning.data import make_demo_data
-
-    demo = make_demo_data(str(tmp_path / "demo"), train=20, val=8, seed=0, maxcount=20)
+def test_fsdp2_is_the_default_for_several_devices(demo):
     args = ["--config", str(CONFIGS / "demo.yaml"), "--data.tokenizer", demo.tokenizer]  # run=False: no subcommand
     cli = cli_main([*args, "--trainer.devices", "2", "--trainer.logger", "false"], run=False)
     assert isinstance(cli.trainer.strategy, MoLEModelParallelStrategy)
@@ -186,14 +185,11 @@ def test_a_printed_config_reads_back_as_itself(config, tmp_path):
     assert print_config_text(["fit", "--config", str(written), "--print_config"]) == printed
 
 
-def test_a_run_is_validated_from_the_config_saved_beside_it(tmp_path, monkeypatch):
+def test_a_run_is_validated_from_the_config_saved_beside_it(demo, tmp_path, monkeypatch):
     """``mole-train fit`` saves ``config.yaml`` in the run's log folder; ``validate --config <that file>`` of the
     run's checkpoint works (exit 0), checkpoints were written through the atomic writer, and ``predict`` of the
     checkpoint with the plain recipe takes the run's data settings."""
-    from mole_lightning.data import make_demo_data
-
-    monkeypatch.chdir(tmp_path)  # the demo recipe's relative paths: demo_data/, runs/demo/
-    make_demo_data("demo_data", train=16, val=4, seed=0, maxcount=16)
+    monkeypatch.chdir(demo_at(demo, tmp_path))  # the demo recipe's relative paths: demo_data/, runs/demo/
     quick = ["--trainer.max_steps", "1", "--trainer.val_check_interval", "1", "--data.batch_size", "2"]
     quick += ["--data.val_batch_size", "4", "--data.num_workers", "0", "--data.shuffle_buffer", "4"]
     quick += ["--trainer.callbacks", "[]", "--checkpoint.every_n_train_steps", "1"]

@@ -4,50 +4,34 @@ the loss curve with a single-process run on the same global batches."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.conftest import Ranks, start_ranks
 from tests.training.recorders import read_losses
-
-WORKER = Path(__file__).with_name("fsdp2_worker.py")
-ROOT = WORKER.parents[2]
 
 
 def launch(
     out: Path, devices: int, max_steps: int, ckpt_path: Path | None = None, extra: tuple[str, ...] = ()
-) -> subprocess.Popen:
+) -> Ranks:
+    """``tests/workers/fsdp2.py`` on ``devices`` ranks, writing to ``out`` (logs in ``out/log-<max_steps>/``)."""
     out.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, str(WORKER), "--devices", str(devices), "--out", str(out), "--max-steps", str(max_steps)]
-    command += list(extra)
+    args = ["--devices", str(devices), "--out", str(out), "--max-steps", str(max_steps), *extra]
     if ckpt_path is not None:
-        command += ["--ckpt-path", str(ckpt_path)]
-    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_PORT")}
-    env["OMP_NUM_THREADS"] = "1"
-    log = open(out / f"log-{max_steps}.txt", "w")  # noqa: SIM115 (closed by the caller through wait())
-    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-
-
-def wait(process: subprocess.Popen, out: Path, max_steps: int) -> None:
-    code = process.wait(timeout=300)
-    process.stdout and process.stdout.close()
-    assert code == 0, (out / f"log-{max_steps}.txt").read_text()[-4000:]
+        args += ["--ckpt-path", str(ckpt_path)]
+    return start_ranks("fsdp2", args, out / f"log-{max_steps}", world_size=devices)
 
 
 @pytest.mark.slow
 def test_fsdp2_on_two_cpu_processes_matches_single_process_across_save_and_resume(tmp_path):
     single, sharded = tmp_path / "single", tmp_path / "fsdp2"
     reference = launch(single, devices=1, max_steps=6)
-    first = launch(sharded, devices=2, max_steps=3)
-    wait(first, sharded, 3)
+    launch(sharded, devices=2, max_steps=3).wait()
     assert read_losses(sharded).keys() == {1, 2, 3}
-    resumed = launch(sharded, devices=2, max_steps=6, ckpt_path=sharded / "ckpt" / "last.ckpt")
-    wait(resumed, sharded, 6)
-    wait(reference, single, 6)
+    launch(sharded, devices=2, max_steps=6, ckpt_path=sharded / "ckpt" / "last.ckpt").wait()
+    reference.wait()
 
     info = json.loads((sharded / "info.json").read_text())
     assert info["world_size"] == 2 and info["sharded_parameters"] > 0

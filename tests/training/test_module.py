@@ -25,7 +25,7 @@ from mole_lightning.training import (
     WarmupCosineLR,
 )
 from mole_lightning.training.throughput import parameter_counts, training_flops
-from tests.demo_modules import make_datamodule, make_module
+from tests.conftest import DEMO_VAL, make_datamodule, make_module
 
 
 def sgd(lr: float = 1.0):
@@ -59,36 +59,36 @@ def trainable(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def test_configure_model_is_idempotent_and_seeded_independently_of_global_rng(demo_data):
-    first = make_module(demo_data)
+def test_configure_model_is_idempotent_and_seeded_independently_of_global_rng(demo):
+    first = make_module(demo)
     first.configure_model()
     built = first.model
     first.configure_model()
     assert first.model is built
 
     torch.manual_seed(1234)  # the global RNG must not matter
-    second = make_module(demo_data)
+    second = make_module(demo)
     second.configure_model()
     for (name, a), (_, b) in zip(first.model.state_dict().items(), second.model.state_dict().items()):
         assert torch.equal(a, b), name
 
-    other = make_module(demo_data, model_seed=1)
+    other = make_module(demo, model_seed=1)
     other.configure_model()
     lora_a = [n for n in trainable(first.model) if "lora_A" in n][0]
     assert not torch.equal(dict(first.model.named_parameters())[lora_a], dict(other.model.named_parameters())[lora_a])
 
 
-def test_vision_geometry_of_the_tiny_tower_is_linked_correctly(demo_data):
-    module = make_module(demo_data)
+def test_vision_geometry_of_the_tiny_tower_is_linked_correctly(demo):
+    module = make_module(demo)
     module.configure_model()
     assert module.num_image_tokens == module.model.num_image_tokens == (32 // 8) ** 2
     assert module.image_size == module.model.vision_tower.image_size == 32
     assert tuple(module.image_mean) == tuple(module.model.vision_tower.image_mean)
 
 
-def test_optimizer_groups_hold_only_trainable_parameters_with_roles_lrs_and_no_decay(demo_data):
+def test_optimizer_groups_hold_only_trainable_parameters_with_roles_lrs_and_no_decay(demo):
     module = make_module(
-        demo_data,
+        demo,
         optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3, weight_decay=0.1),
         projector_lr=5e-5,
         router_lr=2e-3,
@@ -114,8 +114,8 @@ def test_optimizer_groups_hold_only_trainable_parameters_with_roles_lrs_and_no_d
     assert {"adapters", "routers", "routers_no_decay", "projector", "projector_no_decay"} <= group_names
 
 
-def test_step_is_lm_plus_aux_loss_scaled_like_the_lm_loss_under_accumulation(demo_data, train_batches, tmp_path):
-    module = make_module(demo_data, optimizer=sgd(1.0))
+def test_step_is_lm_plus_aux_loss_scaled_like_the_lm_loss_under_accumulation(demo, train_batches, tmp_path):
+    module = make_module(demo, optimizer=sgd(1.0))
     module.configure_model()
     reference = copy.deepcopy(module.model)
     before = trainable(reference)
@@ -134,9 +134,9 @@ def test_step_is_lm_plus_aux_loss_scaled_like_the_lm_loss_under_accumulation(dem
         torch.testing.assert_close(after[name], value - grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_nonfinite_loss_skips_the_step_counts_it_and_stops_after_too_many(demo_data, train_batches, tmp_path):
+def test_nonfinite_loss_skips_the_step_counts_it_and_stops_after_too_many(demo, train_batches, tmp_path):
     def poisoned_module(bad_calls: set[int], **kwargs):
-        module = make_module(demo_data, optimizer=sgd(0.1), **kwargs)
+        module = make_module(demo, optimizer=sgd(0.1), **kwargs)
         module.configure_model()
         forward, calls = module.model.forward, {"n": 0}
 
@@ -170,10 +170,10 @@ def test_nonfinite_loss_skips_the_step_counts_it_and_stops_after_too_many(demo_d
         trainer(tmp_path, max_epochs=1).fit(module, train_dataloaders=loader(train_batches))
 
 
-def test_logs_losses_throughput_lr_and_routing_per_layer_and_source(demo_data, train_batches, tmp_path):
+def test_logs_losses_throughput_lr_and_routing_per_layer_and_source(demo, train_batches, tmp_path):
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    module = make_module(demo_data, optimizer=sgd(0.01))
+    module = make_module(demo, optimizer=sgd(0.01))
     logger = TensorBoardLogger(str(tmp_path), name="tb")
     callbacks = [RoutingHeatmapCallback(2, log_every_n_steps=1), TokenThroughputMonitor(window_size=2)]
     callbacks += [LearningRateLogger(), SkippedSamplesLogger()]
@@ -210,8 +210,8 @@ def test_logs_losses_throughput_lr_and_routing_per_layer_and_source(demo_data, t
     assert "routing/layer_expert_load" in events.Tags()["images"]
 
 
-def test_parameter_counts_of_the_flops_formula_by_hand(demo_data):
-    module = make_module(demo_data)  # tiny preset: hidden 64, MLP 128, 2 layers, 4 heads (kv 2); MoLE K=3, r=4
+def test_parameter_counts_of_the_flops_formula_by_hand(demo):
+    module = make_module(demo)  # tiny preset: hidden 64, MLP 128, 2 layers, 4 heads (kv 2); MoLE K=3, r=4
     module.configure_model()
     counts = parameter_counts(module.model)
     d, ff, kv, r, layers, vocab = 64, 128, 32, 4, 2, len(module.tokenizer)
@@ -224,9 +224,9 @@ def test_parameter_counts_of_the_flops_formula_by_hand(demo_data):
     assert training_flops(counts, tokens=10, images=0, image_tokens=16) == (4 * frozen + 6 * counts.adapter) * 10
 
 
-def test_validation_loss_per_source_is_token_weighted_over_the_whole_source(demo_data, tmp_path):
-    module = make_module(demo_data)
-    datamodule = make_datamodule(demo_data, module)
+def test_validation_loss_per_source_is_token_weighted_over_the_whole_source(demo, tmp_path):
+    module = make_module(demo)
+    datamodule = make_datamodule(demo, module)
     results = trainer(tmp_path).validate(module, datamodule=datamodule, verbose=False)
     logged = {k: v for result in results for k, v in result.items()}
 
@@ -249,25 +249,25 @@ def test_validation_loss_per_source_is_token_weighted_over_the_whole_source(demo
     assert logged["val/loss"] == pytest.approx(total_sum / total_tokens, rel=1e-4)
 
 
-def test_predict_step_returns_one_record_per_prompt(demo_data, tmp_path):
-    module = make_module(demo_data, max_new_tokens=4)
-    datamodule = make_datamodule(demo_data, module, val_batch_size=12)
+def test_predict_step_returns_one_record_per_prompt(demo, tmp_path):
+    module = make_module(demo, max_new_tokens=4)
+    datamodule = make_datamodule(demo, module, val_batch_size=8)  # a full batch and a partial one per source
     outputs = trainer(tmp_path).predict(module, datamodule=datamodule)
     assert len(outputs) == len(datamodule.val_source_names)
     for name, per_loader in zip(datamodule.val_source_names, outputs):
         records = [r for batch in per_loader for r in batch]
-        assert len(records) == 24 and len({r["id"] for r in records}) == 24
+        assert len(records) == DEMO_VAL and len({r["id"] for r in records}) == DEMO_VAL
         for record in records:
             assert set(record) >= {"id", "source", "question", "answer", "prediction"}
             assert record["source"] == name and isinstance(record["prediction"], str)
             assert record["answer"] == record["answers"][0]
 
 
-def test_predict_step_decodes_a_task_with_its_own_protocol(demo_data, monkeypatch):
+def test_predict_step_decodes_a_task_with_its_own_protocol(demo, monkeypatch):
     """Tiny LVLM-eHub's wrapper decodes greedily with repetition_penalty 10 and up to 256 new tokens
     (Multi-Modality-Arena's LLaVA-MoLE tester); a task without a protocol keeps the module's max_new_tokens."""
-    module = make_module(demo_data, max_new_tokens=4)
-    datamodule = make_datamodule(demo_data, module, val_batch_size=3)
+    module = make_module(demo, max_new_tokens=4)
+    datamodule = make_datamodule(demo, module, val_batch_size=3)
     module.configure_model()
     batch = next(iter(datamodule.predict_dataloader()[0]))
     calls = []
@@ -283,14 +283,14 @@ def test_predict_step_decodes_a_task_with_its_own_protocol(demo_data, monkeypatc
     assert "repetition_penalty" not in calls[1] and calls[1]["max_new_tokens"] == 4
 
 
-def test_bf16_mixed_training_runs_and_gradient_checkpointing_changes_nothing(demo_data, train_batches, tmp_path):
-    module = make_module(demo_data, optimizer=sgd(0.01))
+def test_bf16_mixed_training_runs_and_gradient_checkpointing_changes_nothing(demo, train_batches, tmp_path):
+    module = make_module(demo, optimizer=sgd(0.01))
     run = trainer(tmp_path, max_steps=2, precision="bf16-mixed")
     run.fit(module, train_dataloaders=loader(train_batches))
     assert math.isfinite(float(run.callback_metrics["train/loss"]))
 
-    plain = make_module(demo_data)
-    checkpointed = make_module(demo_data, gradient_checkpointing=True)
+    plain = make_module(demo)
+    checkpointed = make_module(demo, gradient_checkpointing=True)
     grads = []
     for module in (plain, checkpointed):
         module.configure_model()
@@ -302,8 +302,8 @@ def test_bf16_mixed_training_runs_and_gradient_checkpointing_changes_nothing(dem
         torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
-def test_checkpoint_holds_only_trainable_tensors_written_atomically_and_exports(demo_data, train_batches, tmp_path):
-    module = make_module(demo_data, optimizer=sgd(0.05))
+def test_checkpoint_holds_only_trainable_tensors_written_atomically_and_exports(demo, train_batches, tmp_path):
+    module = make_module(demo, optimizer=sgd(0.05))
     checkpoint = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True, every_n_train_steps=2)
     run = trainer(
         tmp_path, max_steps=2, enable_checkpointing=True, callbacks=[checkpoint], plugins=[AtomicCheckpointIO()]
@@ -325,7 +325,7 @@ def test_checkpoint_holds_only_trainable_tensors_written_atomically_and_exports(
         assert torch.equal(dict(restored.model.named_parameters())[name], value), name
 
     export = export_checkpoint(tmp_path / "ckpt" / "last.ckpt", tmp_path / "export")
-    fresh = make_module(demo_data)
+    fresh = make_module(demo)
     fresh.configure_model()  # the same frozen base (same model_seed); trainable tensors wiped, then loaded
     load_adapters_into = fresh.model
     for param in load_adapters_into.parameters():
@@ -339,7 +339,7 @@ def test_checkpoint_holds_only_trainable_tensors_written_atomically_and_exports(
         got = load_adapters_into(**model_inputs(train_batches[0])).logits
     torch.testing.assert_close(got, ref)
 
-    from_export = make_module(demo_data, adapter_path=str(export))  # e.g. mole-train predict --model.adapter_path
+    from_export = make_module(demo, adapter_path=str(export))  # e.g. mole-train predict --model.adapter_path
     from_export.configure_model()
     from_export.model.eval()
     with torch.no_grad():
@@ -347,7 +347,7 @@ def test_checkpoint_holds_only_trainable_tensors_written_atomically_and_exports(
 
     broken = dict(state)
     broken["state_dict"] = {k: v for k, v in state["state_dict"].items() if "router" not in k}
-    fresh2 = make_module(demo_data)
+    fresh2 = make_module(demo)
     fresh2.configure_model()
     with pytest.raises(KeyError, match="lacks"):
         fresh2.on_load_checkpoint(broken)
@@ -370,9 +370,9 @@ def test_warmup_cosine_schedule_matches_hand_computed_values():
     assert seen[6][0] == pytest.approx(0.55)
 
 
-def test_test_loop_reports_the_same_per_source_losses_as_validation(demo_data, tmp_path):
-    module = make_module(demo_data)
-    datamodule = make_datamodule(demo_data, module)
+def test_test_loop_reports_the_same_per_source_losses_as_validation(demo, tmp_path):
+    module = make_module(demo)
+    datamodule = make_datamodule(demo, module)
     run = trainer(tmp_path)
     validated = {k: v for r in run.validate(module, datamodule=datamodule, verbose=False) for k, v in r.items()}
     loaders = [datamodule.source_loader(name) for name in datamodule.val_source_names]
@@ -384,10 +384,10 @@ def test_test_loop_reports_the_same_per_source_losses_as_validation(demo_data, t
     }
 
 
-def test_load_from_checkpoint_rebuilds_the_module_with_its_trained_tensors(demo_data, train_batches, tmp_path):
+def test_load_from_checkpoint_rebuilds_the_module_with_its_trained_tensors(demo, train_batches, tmp_path):
     from mole_lightning.training import MoLELightningModule
 
-    module = make_module(demo_data, optimizer=sgd(0.05))
+    module = make_module(demo, optimizer=sgd(0.05))
     checkpoint = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
     trainer(tmp_path, max_steps=2, enable_checkpointing=True, callbacks=[checkpoint]).fit(
         module, train_dataloaders=loader(train_batches)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from mole_lightning.peft import MoLERouter, iter_routers
-from tests.demo_modules import make_module
+from tests.conftest import make_module
 
 
 def fit(module, batches, tmp_path, precision: str, steps: int = 3) -> None:
@@ -33,8 +33,8 @@ def adamw(lr: float):
     return lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
 
 
-def test_router_logits_are_fp32_under_bf16_autocast(demo_data, train_batches):
-    module = make_module(demo_data)
+def test_router_logits_are_fp32_under_bf16_autocast(demo, train_batches):
+    module = make_module(demo)
     module.configure_model()
     model = module.model.eval()
     router = next(r for _, r in iter_routers(model.language_model))
@@ -53,8 +53,8 @@ def test_router_logits_are_fp32_under_bf16_autocast(demo_data, train_batches):
         assert F.linear(x, router.weight, router.bias).dtype == torch.bfloat16
 
 
-def test_bf16_true_keeps_trained_tensors_fp32_and_small_updates(demo_data, train_batches, tmp_path):
-    module = make_module(demo_data, optimizer=adamw(2e-5))
+def test_bf16_true_keeps_trained_tensors_fp32_and_small_updates(demo, train_batches, tmp_path):
+    module = make_module(demo, optimizer=adamw(2e-5))
     fit(module, train_batches, tmp_path, "bf16-true")
     model = module.model
     frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
@@ -70,10 +70,10 @@ def test_bf16_true_keeps_trained_tensors_fp32_and_small_updates(demo_data, train
     assert torch.all(router.weight != 1.0)
 
 
-def test_projector_moves_at_llava_lr_under_bf16_true_as_in_32_true(demo_data, train_batches, tmp_path):
+def test_projector_moves_at_llava_lr_under_bf16_true_as_in_32_true(demo, train_batches, tmp_path):
     moved = {}
     for precision in ("32-true", "bf16-true"):
-        module = make_module(demo_data, optimizer=adamw(2e-5))
+        module = make_module(demo, optimizer=adamw(2e-5))
         module.configure_model()
         before = {n: p.detach().clone().float() for n, p in module.model.projector.named_parameters()}
         fit(module, train_batches, tmp_path / precision, precision)

@@ -12,7 +12,7 @@ import torch
 from mole_lightning.peft.quantization import is_4bit
 from mole_lightning.training import ModelSpec
 from mole_lightning.training.strategies import MoLEFSDPStrategy, fully_shard_llava_mole
-from tests.training.conftest import make_module
+from tests.conftest import make_module
 from tests.training.test_module import loader, trainer
 
 pytest.importorskip("bitsandbytes")
@@ -31,10 +31,8 @@ class Snapshots(pl.Callback):
 
 
 @pytest.mark.parametrize("precision", ["32-true", "bf16-true"])
-def test_qlora_steps_move_adapters_routers_and_projector_not_the_4bit_base(
-    demo_data, train_batches, tmp_path, precision
-):
-    module = make_module(demo_data, architecture=QLORA, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+def test_qlora_steps_move_adapters_routers_and_projector_not_the_4bit_base(demo, train_batches, tmp_path, precision):
+    module = make_module(demo, architecture=QLORA, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
     snapshots = Snapshots()
     trainer(tmp_path, max_steps=3, precision=precision, callbacks=[snapshots]).fit(
         module, train_dataloaders=loader(train_batches[:3])
@@ -56,19 +54,19 @@ def test_qlora_steps_move_adapters_routers_and_projector_not_the_4bit_base(
     assert module.trainer.global_step == 3
 
 
-def test_fsdp_and_fsdp2_sharding_of_a_4bit_base_are_refused_before_building(demo_data):
+def test_fsdp_and_fsdp2_sharding_of_a_4bit_base_are_refused_before_building(demo):
     message = r"a 4-bit base \(model.architecture.quantize\) cannot be sharded with FSDP/FSDP2"
-    module = make_module(demo_data, architecture=QLORA)
+    module = make_module(demo, architecture=QLORA)
     module._device_mesh = object()  # what ModelParallelStrategy (FSDP2) sets before configure_model
     with pytest.raises(ValueError, match=message):
         module.configure_model()
     assert module.model is None
 
-    module = make_module(demo_data, architecture=QLORA)
+    module = make_module(demo, architecture=QLORA)
     module._trainer = types.SimpleNamespace(strategy=MoLEFSDPStrategy())  # FSDP1
     with pytest.raises(ValueError, match=message):
         module.configure_model()
 
-    model = QLORA.build(tokenizer=demo_data.tokenizer)
+    model = QLORA.build(tokenizer=demo.tokenizer)
     with pytest.raises(ValueError, match=message):
         fully_shard_llava_mole(model, mesh=None)  # refused before the mesh is looked at

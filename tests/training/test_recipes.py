@@ -20,8 +20,8 @@ import torch
 
 from mole_lightning.cli import cli_main
 from mole_lightning.constants import IGNORE_INDEX
-from mole_lightning.data import make_demo_data
 from mole_lightning.peft.quantization import is_quantized
+from tests.conftest import demo_at, load_tool
 
 ROOT = Path(__file__).parents[2]
 CONFIGS = ROOT / "configs"
@@ -34,10 +34,10 @@ def run(args: list[str], cwd: Path, timeout: int = 400) -> subprocess.CompletedP
     return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def recipe_args(recipe: str, folders: dict, shards, workdir: Path) -> list[str]:
+def recipe_args(recipe: str, folders: dict, demo, workdir: Path) -> list[str]:
     """Paths and run length only; the recipe's model, MoLE, optimizer, strategy and precision stay."""
-    sources = {name: {"urls": spec, "weight": 1.0} for name, spec in shards.train.items()}
-    val_sources = {name: {"urls": spec} for name, spec in shards.val.items()}
+    sources = {name: {"urls": spec, "weight": 1.0} for name, spec in demo.train.items()}
+    val_sources = {name: {"urls": spec} for name, spec in demo.val.items()}
     return [
         "--config", str(CONFIGS / recipe),
         "--trainer", str(CONFIGS / "trainer" / "fsdp2_cpu.yaml"),
@@ -61,17 +61,16 @@ def recipe_args(recipe: str, folders: dict, shards, workdir: Path) -> list[str]:
     ]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    """Small LLaVA-format shards of the three demo domains (images are resized/padded to 336 px)."""
-    return make_demo_data(str(tmp_path_factory.mktemp("shards")), train=24, val=4, seed=0, maxcount=24)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["llava_mole_7b.yaml", "llava_lora_7b.yaml"])
-def test_recipe_runs_fit_validate_test_predict_export_on_hub_format_folders(recipe, real_folders, shards, tmp_path):
+def test_recipe_runs_fit_validate_test_predict_export_on_hub_format_folders(
+    recipe, real_folders, demo, tmp_path, capsys, monkeypatch
+):
+    """``fit`` through the installed ``mole-train`` on 2 gloo processes; ``validate``, ``test``, ``predict`` and the
+    export of its checkpoint through the same entry points in this process (the console scripts themselves are
+    run in tests/training/test_cli.py and tests/tools/test_export.py)."""
     assert MOLE_TRAIN.exists(), "the mole-train console script is not installed next to the interpreter"
-    args = recipe_args(recipe, real_folders, shards, tmp_path)
+    args = recipe_args(recipe, real_folders, demo, tmp_path)
     fit = run([str(MOLE_TRAIN), "fit", *args], tmp_path)
     assert fit.returncode == 0, fit.stdout[-3000:] + fit.stderr[-5000:]
     assert "MoLECLI object" not in fit.stdout
@@ -85,33 +84,33 @@ def test_recipe_runs_fit_validate_test_predict_export_on_hub_format_folders(reci
     assert bool(routers) == (recipe == "llava_mole_7b.yaml")
 
     # the FSDP2 checkpoint holds full tensors: evaluate it on one process, as on a single GPU
+    monkeypatch.chdir(tmp_path)
     one_device = ["--trainer.devices", "1", "--trainer.strategy", "auto"]
     subcommands = {"validate": "val/loss", "test": "test/loss", "predict": None}
     for subcommand, metric in subcommands.items():
-        result = run([str(MOLE_TRAIN), subcommand, *args, *one_device, "--ckpt_path", str(checkpoint)], tmp_path)
-        assert result.returncode == 0, subcommand + result.stdout[-3000:] + result.stderr[-5000:]
+        cli_main([subcommand, *args, *one_device, "--ckpt_path", str(checkpoint)])
+        printed = capsys.readouterr().out
         if metric is not None:
-            assert metric in result.stdout, result.stdout[-3000:]
+            assert metric in printed, printed[-3000:]
     predictions = sorted(tmp_path.glob("runs/*/predictions/predictions.jsonl"))
     assert [p.parent.parent.name for p in predictions] == [Path(recipe).stem]  # the recipe's own prediction writer
     answers = [json.loads(line) for line in predictions[0].open()]
     assert answers and all(answer["prediction"] is not None for answer in answers)
 
     out = tmp_path / "export"
-    export = run([sys.executable, str(ROOT / "tools" / "export_adapter.py"), str(checkpoint), "--out", str(out)], ROOT)
-    assert export.returncode == 0, export.stderr[-3000:]
-    assert (out / "adapter_model.safetensors").exists() and str(out) in export.stdout
+    assert load_tool("export_adapter").main([str(checkpoint), "--out", str(out)]) == 0
+    assert (out / "adapter_model.safetensors").exists() and str(out) in capsys.readouterr().out
 
 
 @pytest.mark.slow
-def test_qlora_recipe_fits_on_one_device_over_a_4bit_base(real_folders, shards, tmp_path, monkeypatch):
+def test_qlora_recipe_fits_on_one_device_over_a_4bit_base(real_folders, demo, tmp_path, monkeypatch):
     """The QLoRA recipe on one CPU device (bitsandbytes' CPU backend), in process to keep the suite short: the LLM
     from the vicuna-style folder is 4-bit, the trained tensors are fp32 and only they are saved. (Its refusal of
     FSDP/FSDP2 and the export of a 4-bit checkpoint are tested in ``test_quantized_training.py`` and
     ``tests/models/test_quantized_loading.py``.)"""
     pytest.importorskip("bitsandbytes")
     monkeypatch.chdir(tmp_path)
-    args = recipe_args("llava_mole_7b_qlora.yaml", real_folders, shards, tmp_path)
+    args = recipe_args("llava_mole_7b_qlora.yaml", real_folders, demo, tmp_path)
     one_device = ["--trainer.devices", "1", "--trainer.strategy", "auto", "--trainer.limit_val_batches", "0"]
     cli = cli_main(["fit", *args, *one_device, "--trainer.logger", "false"])
     assert cli.trainer.global_step == 2
@@ -125,8 +124,8 @@ def test_qlora_recipe_fits_on_one_device_over_a_4bit_base(real_folders, shards, 
 
 
 @pytest.mark.slow
-def test_recipe_failures_exit_nonzero_with_a_one_line_error(real_folders, shards, tmp_path):
-    args = recipe_args("llava_mole_7b.yaml", real_folders, shards, tmp_path)
+def test_recipe_failures_exit_nonzero_with_a_one_line_error(real_folders, demo, tmp_path):
+    args = recipe_args("llava_mole_7b.yaml", real_folders, demo, tmp_path)
     missing = str(tmp_path / "no-such-vicuna")
     one_device = ["--trainer.devices", "1", "--trainer.strategy", "auto"]
     result = run([str(MOLE_TRAIN), "fit", *args, *one_device, "--data.tokenizer", missing], tmp_path)
@@ -137,10 +136,10 @@ def test_recipe_failures_exit_nonzero_with_a_one_line_error(real_folders, shards
 
 @pytest.mark.slow
 def test_qwen2_siglip_recipe_trains_on_its_stand_ins_with_the_chat_template_labels(
-    real_folders, shards, tmp_path, monkeypatch
+    real_folders, demo, tmp_path, monkeypatch
 ):
     monkeypatch.chdir(tmp_path)
-    sources = {name: {"urls": spec, "weight": 1.0} for name, spec in shards.train.items()}
+    sources = {name: {"urls": spec, "weight": 1.0} for name, spec in demo.train.items()}
     args = [
         "--config", str(CONFIGS / "qwen2_siglip_mole.yaml"),
         "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.strategy", "auto",
@@ -173,10 +172,10 @@ def test_qwen2_siglip_recipe_trains_on_its_stand_ins_with_the_chat_template_labe
 
 
 @pytest.mark.slow
-def test_documented_demo_on_fsdp2_cpu_saves_after_validation(tmp_path):
+def test_documented_demo_on_fsdp2_cpu_saves_after_validation(demo, tmp_path):
     """``mole-train fit --config configs/demo.yaml --trainer configs/trainer/fsdp2_cpu.yaml`` as documented, made short:
     a checkpoint written right after a validation pass (at the end of an epoch) under FSDP2 on 2 gloo processes."""
-    make_demo_data(str(tmp_path / "demo_data"), train=40, val=8, seed=0, maxcount=40)  # the config's relative paths
+    demo_at(demo, tmp_path)  # the config's relative paths
     args = [
         "fit", "--config", str(CONFIGS / "demo.yaml"), "--trainer", str(CONFIGS / "trainer" / "fsdp2_cpu.yaml"),
         "--trainer.max_steps", "2", "--trainer.val_check_interval", "1", "--trainer.limit_val_batches", "1",

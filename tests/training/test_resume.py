@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mole_lightning.data import make_demo_data
+from tests.conftest import demo_at
 from tests.training.recorders import read_losses
 
 ROOT = Path(__file__).parents[2]
@@ -52,10 +51,8 @@ def finish(process: subprocess.Popen, workdir: Path, expect: int = 0) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("data", [[]], ids=["consecutive"])  # grouped batches: tests/data (resume mid-epoch)
-def test_killed_and_resumed_demo_run_matches_an_uninterrupted_run(tmp_path, data):
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    make_demo_data(str(straight / "demo_data"), train=40, val=8, seed=0, maxcount=20)
-    shutil.copytree(straight / "demo_data", killed / "demo_data")
+def test_killed_and_resumed_demo_run_matches_an_uninterrupted_run(demo, tmp_path, data):
+    straight, killed = demo_at(demo, tmp_path / "straight"), demo_at(demo, tmp_path / "killed")
 
     reference = run_demo(straight, *data)
     kill = {"class_path": "tests.training.recorders.KillAt", "init_args": {"step": KILL_AFTER}}

@@ -9,16 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.ranks import run_ranks
+from tests.conftest import run_ranks
 from tests.realformats import clip_336_folder, llama_folder, mm_projector_bin, vicuna_tokenizer
-
-WORKER = Path(__file__).with_name("sharded_loading_worker.py")
-ROOT = WORKER.parents[2]
 
 
 def run_workers(tmp_path: Path, spec: dict) -> dict:
     out = tmp_path / "result.json"
-    run_ranks(WORKER, ["--spec", json.dumps(spec), "--out", str(out)], tmp_path)
+    run_ranks("sharded_loading", ["--spec", json.dumps(spec), "--out", str(out)], tmp_path)
     return json.loads(out.read_text())
 
 

@@ -4,16 +4,12 @@ row gets the gradient and the step; the frozen embedding matrices get neither.""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
+from tests.conftest import run_ranks
 from tests.models.conftest import llama_config_kwargs, word_tokenizer
-from tests.ranks import run_ranks
-
-WORKER = Path(__file__).with_name("token_rows_fsdp2_worker.py")
-ROOT = WORKER.parents[2]
 
 
 @pytest.mark.slow
@@ -25,7 +21,7 @@ def test_new_token_rows_stay_the_only_trained_rows_under_fsdp2(tmp_path):
     LlamaForCausalLM(LlamaConfig(**llama_config_kwargs(len(tokenizer)))).save_pretrained(tmp_path / "llm")
     tokenizer.save_pretrained(tmp_path / "llm")
     out = tmp_path / "result.json"
-    run_ranks(WORKER, ["--llm", str(tmp_path / "llm"), "--out", str(out)], tmp_path)
+    run_ranks("token_rows_fsdp2", ["--llm", str(tmp_path / "llm"), "--out", str(out)], tmp_path)
     result = json.loads(out.read_text())
     assert result["sharded"] and result["start"] == 44 and result["rows"] == 45
     assert result["trained_rows"] == [1, llama_config_kwargs(45)["hidden_size"]]  # only the added row is trained

@@ -1,4 +1,4 @@
-"""One rank of the sharded-loading check (launched twice by ``test_sharded_loading.py``, gloo on CPU).
+"""One rank of the sharded-loading check (two ranks started by ``tests/training/test_sharded_loading.py``, gloo on CPU).
 
 Builds the model of ``--spec`` through ``MoLELightningModule.configure_model`` with a device mesh (meta build,
 ``fully_shard``, per-rank reads of the folders' safetensors) and without one (the unsharded ``from_pretrained``
@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from mole_lightning.peft import MoLEConfig  # noqa: E402
 from mole_lightning.training import ModelSpec, MoLELightningModule  # noqa: E402
-from tests.ranks import end_process_group  # noqa: E402
+from tests.workers import end_process_group  # noqa: E402
 
 MOLE = MoLEConfig(num_experts=3, rank=4, alpha=8.0, dropout=0.0, balance_coef=0.01)
 SEED = 7

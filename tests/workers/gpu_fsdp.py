@@ -1,6 +1,7 @@
-"""GPU check (run by hand on a CUDA machine, never by CI): a few FSDP2 bf16 training steps through Lightning.
+"""GPU check (``pytest -m gpu tests/training/test_gpu_fsdp.py`` on a CUDA machine, never by CI): a few FSDP2 bf16
+training steps through Lightning. Also a script, for the numbers in docs/benchmarks.md::
 
-    PYTHONPATH=src python tests/training/gpu_fsdp_check.py --out results.json
+    PYTHONPATH=src python tests/workers/gpu_fsdp.py --out results.json
 
 Model: Llama d=512, 8 layers + tiny CLIP + mlp2x_gelu, MoLE K=3 r=8 on every MLP, LoRA on attention. Runs the same
 fixed batches with (a) ``MoLEModelParallelStrategy`` (FSDP2 ``fully_shard`` per router/layer/tower, bf16-true weights,

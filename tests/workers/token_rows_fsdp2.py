@@ -1,4 +1,5 @@
-"""One rank of the FSDP2 new-token-rows check (launched twice by ``test_token_rows_fsdp2.py``, gloo on CPU).
+"""One rank of the FSDP2 new-token-rows check (two ranks started by ``tests/training/test_token_rows_fsdp2.py``,
+gloo on CPU).
 
 Builds a tiny LLaVA-MoLE whose added ``<image>`` row of the LM head trains (``token_rows.output``), shards it with
 ``fully_shard_llava_mole``, runs one backward and one SGD step, and writes what changed to ``--out`` (rank 0).
@@ -20,7 +21,7 @@ from mole_lightning.models import build_llava_mole  # noqa: E402
 from mole_lightning.peft import MoLEConfig  # noqa: E402
 from mole_lightning.training.strategies import fully_shard_llava_mole  # noqa: E402
 from tests.models.conftest import _make_batch, clip_config_kwargs  # noqa: E402
-from tests.ranks import end_process_group  # noqa: E402
+from tests.workers import end_process_group  # noqa: E402
 
 
 def full(weight: torch.Tensor) -> torch.Tensor:

@@ -1,9 +1,10 @@
-"""Worker for the FSDP2 test: trains the tiny model on fixed synthetic batches on 1 or N CPU processes (gloo).
+"""FSDP2 worker: trains the tiny model on fixed synthetic batches on 1 or N CPU ranks (gloo).
 
-Run as a script (Lightning's launcher re-executes it once per extra process)::
+Started once per rank by ``tests.conftest.start_ranks`` (``--devices`` = the number of ranks; with one rank, no
+process group)::
 
-    python tests/training/fsdp2_worker.py --devices 2 --out DIR --max-steps 3 [--ckpt-path DIR/ckpt/last.ckpt]
-        [--source-routing-coef C]
+    start_ranks("fsdp2", ["--devices", "2", "--out", DIR, "--max-steps", "3"], logs)
+    # [--ckpt-path DIR/ckpt/last.ckpt] [--source-routing-coef C]
 
 Writes ``DIR/losses.jsonl`` (one ``{"step", "loss"}`` per optimizer step, the loss averaged over ranks) and
 checkpoints under ``DIR/ckpt``. Every sample has the same length and no padding, so the mean of the per-rank mean
