@@ -21,11 +21,10 @@ from mole_lightning.checkpoints import (
     read_checkpoint,
     recorded_data_settings,
 )
-from mole_lightning.data import make_demo_data
 from mole_lightning.models import load_adapters, load_llava_hf, trainable_names, trainable_state_dict
 from mole_lightning.models.export import ExportError, export_model
 from mole_lightning.peft import MoLEConfig
-from tests.demo_modules import make_datamodule, make_module
+from tests.conftest import make_datamodule, make_module
 from tests.models.test_export import TOL, randomize_adapters
 
 LORA = dict(num_experts=1, rank=4, alpha=8.0)
@@ -66,11 +65,6 @@ def llava_inputs(model, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 def value(model, name: str) -> torch.Tensor:
     return dict(model.named_parameters())[name].detach()
-
-
-@pytest.fixture(scope="module")
-def demo_data(tmp_path_factory):
-    return make_demo_data(str(tmp_path_factory.mktemp("demo")), train=24, val=8, seed=0, maxcount=60)
 
 
 def test_a_tensor_trained_by_hand_is_in_every_export_of_a_lora_model(real_folders, tmp_path):
@@ -140,8 +134,8 @@ def test_a_tensor_trained_by_hand_is_in_an_unmerged_llava_hf_export(real_folders
         torch.testing.assert_close(reloaded(ids, pixel_values=pixels).logits, model(ids, pixel_values=pixels).logits)
 
 
-def test_a_frozen_adapter_is_in_no_checkpoint_or_export(demo_data, real_folders, tmp_path):
-    module = make_module(demo_data)
+def test_a_frozen_adapter_is_in_no_checkpoint_or_export(demo, real_folders, tmp_path):
+    module = make_module(demo)
     module.configure_model()
     model = module.model
     frozen = [n for n, _ in model.named_parameters() if n.endswith("layers.0.mlp.router.weight")]
@@ -155,7 +149,7 @@ def test_a_frozen_adapter_is_in_no_checkpoint_or_export(demo_data, real_folders,
     assert not {f"model.{n}" for n in frozen} & set(checkpoint["state_dict"])
     out = export_model(model, tmp_path / "mole", to="mole")
     assert not set(frozen) & set(load_file(str(out / "adapter_model.safetensors")))
-    fresh = make_module(demo_data)
+    fresh = make_module(demo)
     fresh.configure_model()  # the adapter trainable again: its values are nowhere to load from
     with pytest.raises(ValueError, match=r"lacks 3 trainable tensor\(s\)") as error:
         load_adapters(fresh.model, out)
@@ -177,10 +171,10 @@ def test_a_peft_export_refuses_a_trained_base_weight_of_a_lora_layer(real_folder
     assert "\n" not in str(error.value)
 
 
-def test_a_fitted_checkpoint_and_its_mole_export_load_to_the_same_model(demo_data, tmp_path):
+def test_a_fitted_checkpoint_and_its_mole_export_load_to_the_same_model(demo, tmp_path):
     import lightning.pytorch as pl
 
-    module = make_module(demo_data, optimizer=lambda params: torch.optim.SGD(params, lr=0.05))
+    module = make_module(demo, optimizer=lambda params: torch.optim.SGD(params, lr=0.05))
     module.configure_model()  # idempotent: the fit keeps this model
     names = [NORM, vision_norm(module.model)]
     train_by_hand(module.model, names, seed=8)
@@ -195,7 +189,7 @@ def test_a_fitted_checkpoint_and_its_mole_export_load_to_the_same_model(demo_dat
         enable_model_summary=False,
         default_root_dir=str(tmp_path),
     )
-    trainer.fit(module, datamodule=make_datamodule(demo_data, module, samples_per_epoch=8, max_length=150))
+    trainer.fit(module, datamodule=make_datamodule(demo, module, samples_per_epoch=8, max_length=150))
     path = tmp_path / "ckpt" / "last.ckpt"
     saved = read_checkpoint(path)["state_dict"]
     assert set(saved) == {f"model.{n}" for n in trainable_names(module.model)}
@@ -209,7 +203,7 @@ def test_a_fitted_checkpoint_and_its_mole_export_load_to_the_same_model(demo_dat
     from_export, _ = load_trained(export)  # rebuilt from its training_config.json, the export loaded on top
     recorded = recorded_data_settings(path)  # the fit's DataModule settings, carried by the export
     assert recorded["max_length"] == 150 and recorded_data_settings(export) == recorded
-    datamodule = make_datamodule(demo_data, module)
+    datamodule = make_datamodule(demo, module)
     datamodule.setup("fit")
     batch = next(iter(datamodule.train_dataloader()))
     batch = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "has_image")}
@@ -222,8 +216,8 @@ def test_a_fitted_checkpoint_and_its_mole_export_load_to_the_same_model(demo_dat
             torch.testing.assert_close(loaded.eval()(**batch).logits, expected, rtol=0, atol=0)
 
 
-def test_a_checkpoint_that_needs_unpickling_is_read_only_when_trusted(demo_data, tmp_path):
-    module = make_module(demo_data)
+def test_a_checkpoint_that_needs_unpickling_is_read_only_when_trusted(demo, tmp_path):
+    module = make_module(demo)
     module.configure_model()
     checkpoint = {"state_dict": module.state_dict()}
     module.on_save_checkpoint(checkpoint)
@@ -238,7 +232,7 @@ def test_a_checkpoint_that_needs_unpickling_is_read_only_when_trusted(demo_data,
     for name, tensor in checkpoint["state_dict"].items():
         assert torch.equal(value(model, name[len("model.") :]), tensor)
 
-    other = make_module(demo_data, mole=MoLEConfig(num_experts=2, rank=4, alpha=8.0))
+    other = make_module(demo, mole=MoLEConfig(num_experts=2, rank=4, alpha=8.0))
     other.configure_model()
     with pytest.raises(CheckpointMismatchError, match="does not match the model: .*differ in shape") as error:
         load_checkpoint_state(other, read_checkpoint(path, trust=True))
