@@ -52,10 +52,8 @@ from experiments.conflict_study.methods import (
     adapter_counts,
     evaluate,
     fit_adapters,
-    make_methods,
-    parse_source_variants,
-    parse_variants,
     source_targets,
+    study_schedule_and_methods,
 )
 from experiments.conflict_study.report import build_summary, make_plots, markdown_report
 from experiments.conflict_study.tasks import DomainSet, domain_rules
@@ -384,26 +382,7 @@ def resolve_model(path: str | None) -> str:
 def run_study(args: argparse.Namespace) -> dict[str, Any]:
     """General answers of the base model, then every (seed, method) job (in a process pool on CPU)."""
     model_path = resolve_model(args.model)
-    train = TrainConfig(
-        rank=args.rank,
-        num_experts=args.experts,
-        per_domain=args.per_domain,
-        epochs=args.epochs,
-        batch=args.batch,
-        lr=args.lr,
-        evals_per_epoch=args.evals_per_epoch,
-        eval_per_domain=args.eval_per_domain,
-        impl=args.impl,
-    )
-    kinds = [k.strip() for k in args.methods.split(",") if k.strip()]
-    specs = make_methods(
-        kinds,
-        args.rank,
-        args.experts,
-        parse_variants(args.mole_variants),
-        0.0,
-        parse_source_variants(args.source_variants),
-    )
+    train, specs = study_schedule_and_methods(args)
     seeds = list(range(args.seed_offset, args.seed_offset + args.seeds))
     start = time.perf_counter()
     threads = 1 if args.workers > 1 else max(1, torch.get_num_threads())

@@ -41,11 +41,8 @@ from experiments.conflict_study.methods import (  # noqa: E402
     METHOD_KINDS,
     JobResult,
     JobSpec,
-    TrainConfig,
-    make_methods,
-    parse_source_variants,
-    parse_variants,
     run_job,
+    study_schedule_and_methods,
 )
 from experiments.conflict_study.report import build_summary, comparison_table, make_plots, markdown_report  # noqa: E402
 from experiments.conflict_study.tasks import TaskConfig  # noqa: E402
@@ -189,26 +186,7 @@ def run_text_study(args: argparse.Namespace) -> dict[str, Any]:
         length=args.length,
     )
     base = BaseConfig(hidden=args.hidden, layers=args.layers, heads=args.heads, ffn=args.ffn, steps=args.pretrain_steps)
-    train = TrainConfig(
-        rank=args.rank,
-        num_experts=args.experts,
-        per_domain=args.per_domain,
-        epochs=args.epochs,
-        batch=args.batch,
-        lr=args.lr,
-        evals_per_epoch=args.evals_per_epoch,
-        eval_per_domain=args.eval_per_domain,
-        impl=args.impl,
-    )
-    kinds = [k.strip() for k in args.methods.split(",") if k.strip()]
-    specs = make_methods(
-        kinds,
-        args.rank,
-        args.experts,
-        parse_variants(args.mole_variants),
-        args.z_loss,
-        parse_source_variants(args.source_variants),
-    )
+    train, specs = study_schedule_and_methods(args, args.z_loss)
     seeds = list(range(args.seed_offset, args.seed_offset + args.seeds))
     start = time.perf_counter()
     ctx = mp.get_context("spawn")

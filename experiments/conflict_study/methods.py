@@ -241,6 +241,26 @@ class TrainConfig:
     impl: str = "auto"
 
 
+def study_schedule_and_methods(args: Any, z_loss_coef: float = 0.0) -> tuple[TrainConfig, list[MethodSpec]]:
+    """The shared schedule and the method specs of a study's parsed command line (``--rank``, ``--experts``,
+    ``--per-domain``, ``--epochs``, ``--batch``, ``--lr``, ``--evals-per-epoch``, ``--eval-per-domain``, ``--impl``,
+    ``--methods``, ``--mole-variants``, ``--source-variants``); ``z_loss_coef`` for the routed methods."""
+    train = TrainConfig(
+        rank=args.rank,
+        num_experts=args.experts,
+        per_domain=args.per_domain,
+        epochs=args.epochs,
+        batch=args.batch,
+        lr=args.lr,
+        evals_per_epoch=args.evals_per_epoch,
+        eval_per_domain=args.eval_per_domain,
+        impl=args.impl,
+    )
+    kinds = [k.strip() for k in args.methods.split(",") if k.strip()]
+    variants, source_variants = parse_variants(args.mole_variants), parse_source_variants(args.source_variants)
+    return train, make_methods(kinds, args.rank, args.experts, variants, z_loss_coef, source_variants)
+
+
 @dataclass
 class JobSpec:
     """One training run: a method on one seed (and, for ``single``, one domain)."""
