@@ -7,8 +7,7 @@ import torch
 
 from mole_lightning.models import LlavaMoLE, build_llava_mole, load_llava_hf
 from mole_lightning.peft import MoLEConfig
-
-from .conftest import NUM_PATCHES, clip_config_kwargs, llama_config_kwargs  # noqa: TID252
+from tests.tiny_models import NUM_PATCHES, clip_config_kwargs, llama_config_kwargs
 
 MOLE = MoLEConfig(num_experts=3, rank=4, alpha=8.0, dropout=0.0, balance_coef=0.01, z_loss_coef=0.001)
 

@@ -19,8 +19,7 @@ from mole_lightning.models import (
     trainable_state_dict,
 )
 from mole_lightning.peft import MoLEConfig
-
-from .conftest import clip_config_kwargs, llama_config_kwargs  # noqa: TID252
+from tests.tiny_models import clip_config_kwargs, llama_config_kwargs
 
 MOLE = MoLEConfig(num_experts=3, rank=4, alpha=8.0, dropout=0.0, balance_coef=0.01)
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tests.peft.tiny_models import TINY_MODELS
+from tests.tiny_models import TINY_MODELS
 
 
 @pytest.fixture(params=sorted(TINY_MODELS))

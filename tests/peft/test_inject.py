@@ -18,7 +18,7 @@ from mole_lightning.peft import (
     routing_mask,
     routing_statistics,
 )
-from tests.peft.tiny_models import TINY_MODELS, tiny_llava
+from tests.tiny_models import TINY_MODELS, tiny_llava
 
 IDS = torch.randint(0, 90, (2, 9), generator=torch.Generator().manual_seed(0))
 MASK = torch.tensor([[1] * 9, [1] * 6 + [0] * 3])

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.conftest import run_ranks
-from tests.models.conftest import llama_config_kwargs, word_tokenizer
+from tests.tiny_models import llama_config_kwargs, word_tokenizer
 
 
 @pytest.mark.slow

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from mole_lightning.models import build_llava_mole  # noqa: E402
 from mole_lightning.peft import MoLEConfig  # noqa: E402
 from mole_lightning.training.strategies import fully_shard_llava_mole  # noqa: E402
-from tests.models.conftest import _make_batch, clip_config_kwargs  # noqa: E402
+from tests.tiny_models import clip_config_kwargs, tiny_batch  # noqa: E402
 from tests.workers import end_process_group  # noqa: E402
 
 
@@ -46,7 +46,7 @@ def main() -> None:
     head = model.language_model.get_output_embeddings().weight
     rows = model.token_rows["output"]
     before, rows_before = full(head).detach().clone(), full(rows).detach().clone()
-    batch = _make_batch(model.image_token_id)
+    batch = tiny_batch(model.image_token_id)
     batch["labels"][0, -1] = model.image_token_id  # the new head row gets a gradient
     model(**batch).total_loss.backward()
     grad = full(rows.grad).detach().clone()
