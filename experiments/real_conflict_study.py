@@ -23,7 +23,7 @@ greedy, `GENERAL_TOKENS` new tokens) and the report gives the fraction of answer
 
 Run from the repository root::
 
-    python -m experiments.real_conflict_study --out out/real_conflict        # default: 2 CPU cores, ~40-45 min
+    python -m experiments.real_conflict_study --out out/real_conflict        # default: 2 CPU cores, ~33 min
     python -m experiments.real_conflict_study --quick --out /tmp/real_quick  # smoke run, a few minutes
     python -m experiments.real_conflict_study --device cuda --out out/real_conflict_gpu  # full length, one GPU
 """
@@ -79,7 +79,7 @@ DEFAULT_SOURCE_VARIANTS = "prob:switch:0.01:1.0"
 """``mole_src``: ``prob`` gate, switch balance 0.01, source-routing weight 1, domain d -> expert d (K = D)."""
 
 CPU_SCHEDULE = {"per_domain": 192, "epochs": 6, "eval_per_domain": 32, "evals_per_epoch": 1, "length": 4}
-"""Default schedule on CPU, sized from measured step times to fit ~40-45 min on 2 cores (``docs/conflict_study.md``)."""
+"""Default schedule on CPU, sized from measured step times; 33 min on 2 cores (``docs/conflict_study.md``)."""
 CUDA_SCHEDULE = {"per_domain": 512, "epochs": 4, "eval_per_domain": 128, "evals_per_epoch": 2, "length": 6}
 """``--device cuda``: the full-length schedule (options left at their defaults take these values)."""
 QUICK_SCHEDULE = {"per_domain": 16, "epochs": 1, "eval_per_domain": 8, "evals_per_epoch": 1, "length": 3, "seeds": 1}

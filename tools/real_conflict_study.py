@@ -6,7 +6,7 @@ script puts the repository root on the import path. Design and time budget: ``do
 
 Examples::
 
-    python tools/real_conflict_study.py --out out/real_conflict                  # default: 2 CPU cores, ~40-45 min
+    python tools/real_conflict_study.py --out out/real_conflict                  # default: 2 CPU cores, ~33 min
     python tools/real_conflict_study.py --quick --out /tmp/real_quick            # smoke run, a few minutes
     python tools/real_conflict_study.py --device cuda --out out/real_conflict_gpu  # full length on one GPU
 """
