@@ -11,6 +11,7 @@
   with the chat template, ``<image>`` and ``<pad>`` appended to the vocabulary).
 - :func:`qwen2_folder` / :func:`siglip_folder`: a Qwen2-style byte-level BPE ``tokenizer.json`` with a Jinja
   ``chat_template`` (no ``<image>``) + tiny Qwen2 checkpoint, and a SigLIP vision tower folder.
+- :func:`smollm2_folder`: SmolLM2-Instruct's layout: the same ChatML tokenizer + a Llama with tied embeddings.
 
 Everything is built with the formats' own libraries (``sentencepiece``, ``tokenizers``, transformers'
 ``save_pretrained``) so the project's loading code reads them exactly as it reads the real ones.
@@ -217,11 +218,11 @@ def llava_hf_folder(out: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
     return out
 
 
-def qwen2_folder(out: Path, seed: int = 0, vocab_size: int = 400) -> Path:
-    """Qwen2-style folder: byte-level BPE ``tokenizer.json`` with ChatML special tokens and a Jinja
-    ``chat_template`` (no ``<image>``, no BOS) + a tiny ``Qwen2ForCausalLM``."""
+def chatml_bpe_tokenizer(texts: list[str], vocab_size: int, model_max_length: int = 32768):
+    """A byte-level BPE ``tokenizer.json`` trained on ``texts`` with ChatML special tokens (``<|endoftext|>`` pad,
+    ``<|im_start|>``, ``<|im_end|>`` eos) and the ChatML ``chat_template``: the tokenizer of Qwen2 and SmolLM2."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    from transformers import PreTrainedTokenizerFast
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     backend = Tokenizer(models.BPE())
@@ -233,15 +234,24 @@ def qwen2_folder(out: Path, seed: int = 0, vocab_size: int = 400) -> Path:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    backend.train_from_iterator(CORPUS * 20, trainer)
+    backend.train_from_iterator(texts * 20, trainer)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         additional_special_tokens=specials[1:],
-        model_max_length=32768,
+        model_max_length=model_max_length,
     )
     tokenizer.chat_template = QWEN2_CHAT_TEMPLATE
+    return tokenizer
+
+
+def qwen2_folder(out: Path, seed: int = 0, vocab_size: int = 400) -> Path:
+    """Qwen2-style folder: byte-level BPE ``tokenizer.json`` with ChatML special tokens and a Jinja
+    ``chat_template`` (no ``<image>``, no BOS) + a tiny ``Qwen2ForCausalLM``."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = chatml_bpe_tokenizer(CORPUS, vocab_size)
     tokenizer.save_pretrained(out)
     torch.manual_seed(seed)
     config = Qwen2Config(
@@ -252,6 +262,29 @@ def qwen2_folder(out: Path, seed: int = 0, vocab_size: int = 400) -> Path:
         **TINY_TEXT,
     )
     Qwen2ForCausalLM(config).save_pretrained(out)
+    return out
+
+
+def smollm2_folder(out: Path, texts: tuple[str, ...] | list[str] = (), seed: int = 0, vocab_size: int = 600) -> Path:
+    """SmolLM2-Instruct-style folder: the ChatML byte-level BPE tokenizer (trained on ``CORPUS`` + ``texts``) + a
+    tiny ``LlamaForCausalLM`` with tied input/output embeddings and GQA."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = chatml_bpe_tokenizer(CORPUS + list(texts), vocab_size, model_max_length=8192)
+    tokenizer.save_pretrained(out)
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(out)
     return out
 
 

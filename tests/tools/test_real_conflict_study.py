@@ -9,12 +9,11 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 
 from experiments import real_conflict_study as study
 from experiments.conflict_study.tasks import domain_rules
 from mole_lightning.constants import IGNORE_INDEX
-from tests.realformats import CORPUS, QWEN2_CHAT_TEMPLATE
+from tests.realformats import smollm2_folder
 
 
 def _task_lines() -> list[str]:
@@ -27,46 +26,9 @@ def _task_lines() -> list[str]:
     ]
 
 
-def tiny_llama_folder(out: Path, seed: int = 0) -> Path:
-    """A tiny ``LlamaForCausalLM`` (tied embeddings, GQA) + byte-level BPE ``tokenizer.json`` with a chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=600,
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator((CORPUS + _task_lines()) * 20, trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>", additional_special_tokens=specials
-    )
-    tokenizer.chat_template = QWEN2_CHAT_TEMPLATE
-    tokenizer.save_pretrained(out)
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(out)
-    return out
-
-
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_llama_folder(tmp_path_factory.mktemp("tiny_llama"))
+    return smollm2_folder(tmp_path_factory.mktemp("tiny_llama"), texts=_task_lines())
 
 
 @pytest.fixture(scope="module")
